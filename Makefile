@@ -1,0 +1,61 @@
+# Two commands do everything on a fresh machine:
+#   make demo   create .venv, install, run the whole study on a synthetic cohort (~10 min, 2 cores)
+#   make test   create .venv if missing, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := data/demo
+DEMO_SUBJECTS ?= 160
+DEMO_SEED ?= 7
+PYTEST_ARGS ?=
+
+.PHONY: venv demo demo-data demo-store demo-study test test-fast mlflow-start mlflow-stop mlflow-status clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The synthetic cohort: real DICOM (OAI-, SOMMA-like and 8 volunteers) + tables in real conventions.
+demo-data: venv
+	test -f $(DEMO)/cohort/manifest.json || $(PY) data_prep/synth.py --out $(DEMO)/cohort --subjects $(DEMO_SUBJECTS) --seed $(DEMO_SEED)
+
+# The pseudonym salt lives beside, never inside, the store.
+demo-store: demo-data
+	mkdir -p $(DEMO)
+	test -s $(DEMO)/pseudonym_salt || $(PY) -c "import secrets; print(secrets.token_hex(32))" > $(DEMO)/pseudonym_salt
+	rm -rf $(DEMO)/store.zarr
+	$(PY) data_prep/build_store.py --dicom $(DEMO)/cohort/oai/dicom --tables $(DEMO)/cohort/oai/tables \
+	    --cohort oai --out $(DEMO)/store.zarr --size 128x256 --salt-file $(DEMO)/pseudonym_salt
+	$(PY) data_prep/build_store.py --dicom $(DEMO)/cohort/somma/dicom --tables $(DEMO)/cohort/somma/tables \
+	    --cohort somma --out $(DEMO)/store.zarr --size 128x256 --salt-file $(DEMO)/pseudonym_salt
+
+demo-study: venv
+	$(PY) study/launch.py --grid ablations/demo.yaml --results runs/demo_cells.csv
+	$(PY) study/promote.py --measure leg_strength --experiment demo --cohort oai
+	$(PY) study/predict.py --dicom $(DEMO)/cohort/volunteers/dicom \
+	    --labels $(DEMO)/cohort/volunteers/tables/volunteers.csv --out runs/volunteer_predictions.csv
+	@echo
+	@$(PY) -m mlflow_server status
+
+demo: demo-store demo-study
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+mlflow-start: venv
+	$(PY) -m mlflow_server start
+mlflow-stop: venv
+	$(PY) -m mlflow_server stop
+mlflow-status: venv
+	$(PY) -m mlflow_server status
+
+clean-demo:
+	rm -rf $(DEMO)/store.zarr $(DEMO)/cohort runs/ray

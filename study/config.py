@@ -1,0 +1,351 @@
+"""Grid configuration: one typed object, loaded from an ablation YAML and checked in full.
+
+A grid YAML names the store, the axes whose cartesian product gives the cells, the per-cell
+search space and the fixed training settings. Every problem in a file is collected and reported
+in one error (key path, bad value, what is allowed) before Ray or MLflow is touched.
+
+    from study.config import load_grid
+    grid = load_grid("ablations/demo.yaml")
+    for cell in grid.cells(): print(cell.name)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MEASURES = ("leg_strength", "gait_speed_short", "gait_400m", "chair_stand")
+SEXES = ("all", "male", "female")
+BMI_STRATA = ("all", "<25", "25-30", ">=30")
+GRID_AXES = {"cohort": None, "measure": MEASURES, "sex": SEXES, "bmi": BMI_STRATA}
+THRESHOLDS = ("cohort", "stratum")  # cohort: median of the whole cohort (the seed's rule)
+FREEZE_MODES = ("fc", "layer4", "layer3", "none")
+OPTIMIZERS = ("sgd", "adamw")
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
+SCHEDULERS = ("none", "asha")
+
+
+class GridError(ValueError):
+    """A grid file is invalid; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50  # the seed's setting; demo grids lower it
+    batch_size: int = 8  # the seed's setting
+    optimizer: str = "sgd"
+    lr: float = 1e-4  # the seed's setting; usually searched
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    freeze: str = "fc"  # the seed trained only the last layer
+    weights: str = "imagenet"  # none | imagenet | path to a .pth state dict
+    input_size: tuple[int, int] | None = None  # resize store slices for the network; None = as stored
+    slices_per_subject: int | None = None  # central k slices per subject; None = all
+    seed: int = 0
+    num_workers: int = 0  # DataLoader workers inside a trial; data is preloaded, 0 is fastest here
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val: float = 0.15  # subjects used for selection (trial and epoch choice)
+    test: float = 0.15  # subjects never seen until the selected model is evaluated
+    seed: int = 0
+    stratify_sex: bool = True
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpu: float = 1
+    gpu: float = 0
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    name: str
+    kind: str  # loguniform | uniform | int | choice | fixed
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One stratum of the grid: its own Optuna study, split and MLflow run."""
+
+    cohort: str
+    measure: str
+    sex: str = "all"
+    bmi: str = "all"
+
+    @property
+    def axes(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    @property
+    def name(self) -> str:
+        bmi = self.bmi.replace("<", "lt").replace(">=", "ge")
+        return f"{self.cohort}__{self.measure}__sex-{self.sex}__bmi-{bmi}"
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    question: str
+    name: str
+    store: str
+    grid: dict[str, tuple[str, ...]]
+    search: tuple[SearchParam, ...]
+    threshold: str = "cohort"
+    trials_per_cell: int = 8
+    max_concurrent_per_cell: int | None = None  # None: share the cluster's CPUs evenly among cells
+    scheduler: str = "none"
+    optuna_startup_trials: int = 3  # TPE's random start-up; Optuna's 10 is too many for small budgets
+    min_subjects_per_cell: int = 20
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    resources_per_trial: ResourcesConfig = field(default_factory=ResourcesConfig)
+    source: str = ""
+
+    def cells(self) -> list[Cell]:
+        keys = list(GRID_AXES)
+        values = [self.grid.get(k, ("all",)) for k in keys]
+        return [Cell(**dict(zip(keys, combo))) for combo in itertools.product(*values)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["search"] = {p.name: {p.kind: list(p.values)} for p in self.search}
+        d["grid"] = {k: list(v) for k, v in self.grid.items()}
+        return d
+
+
+_TOP_KEYS = {f.name for f in dataclasses.fields(GridConfig)} - {"source"}
+_REQUIRED = ("question", "store", "grid")
+
+
+def _check_keys(section: dict, allowed: set[str], where: str, errors: list[str]) -> None:
+    for key in section:
+        if key not in allowed:
+            errors.append(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _typed_section(cls, raw: Any, where: str, errors: list[str]):
+    """Build a frozen dataclass from a mapping, recording unknown keys and wrong types."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(raw, set(fields_), where, errors)
+    kwargs = {}
+    defaults = cls()
+    for key, value in raw.items():
+        if key not in fields_:
+            continue
+        default = getattr(defaults, key)
+        kwargs[key] = _coerce(value, default, f"{where}.{key}", errors)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str, errors: list[str]) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return default
+        return value
+    if where.endswith("input_size"):
+        if value is None:
+            return None
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+            errors.append(f"{where}: expected [rows, cols] positive integers or null, got {value!r}")
+            return None
+        return tuple(value)
+    if where.endswith("slices_per_subject") or where.endswith("max_concurrent_per_cell"):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            errors.append(f"{where}: expected a positive integer or null, got {value!r}")
+            return None
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        errors.append(f"{where}: expected a string, got {value!r}")
+        return default
+    return value
+
+
+def _parse_search(raw: Any, errors: list[str]) -> tuple[SearchParam, ...]:
+    if not isinstance(raw, dict) or not raw:
+        errors.append("search: expected a mapping of training settings to distributions, e.g. "
+                      "lr: {loguniform: [1.0e-5, 1.0e-2]}")
+        return ()
+    searchable = {"lr", "freeze", "optimizer", "momentum", "weight_decay", "batch_size", "epochs"}
+    params = []
+    for name, spec in raw.items():
+        where = f"search.{name}"
+        if name not in searchable:
+            errors.append(f"{where}: cannot be searched; searchable: {', '.join(sorted(searchable))}")
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1:
+            errors.append(f"{where}: expected one distribution {{kind: values}}, kinds: {', '.join(DISTRIBUTIONS)}")
+            continue
+        kind, values = next(iter(spec.items()))
+        if kind not in DISTRIBUTIONS:
+            errors.append(f"{where}: unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
+            continue
+        if not isinstance(values, list) or not values:
+            errors.append(f"{where}.{kind}: expected a non-empty list, got {values!r}")
+            continue
+        if kind in ("loguniform", "uniform", "int"):
+            ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if not ok or values[0] >= values[1] or (kind == "loguniform" and values[0] <= 0):
+                errors.append(f"{where}.{kind}: expected [low, high] with low < high"
+                              f"{' and low > 0' if kind == 'loguniform' else ''}, got {values!r}")
+                continue
+        if name == "freeze":
+            bad = [v for v in values if v not in FREEZE_MODES]
+            if kind != "choice" or bad:
+                errors.append(f"{where}: freeze takes choice of {', '.join(FREEZE_MODES)}; got {spec!r}")
+                continue
+        if name == "optimizer":
+            bad = [v for v in values if v not in OPTIMIZERS]
+            if kind != "choice" or bad:
+                errors.append(f"{where}: optimizer takes choice of {', '.join(OPTIMIZERS)}; got {spec!r}")
+                continue
+        params.append(SearchParam(name=name, kind=kind, values=tuple(values)))
+    return tuple(params)
+
+
+def _parse_grid(raw: Any, errors: list[str]) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, dict) or not raw:
+        errors.append(f"grid: expected a mapping of axes to value lists; axes: {', '.join(GRID_AXES)}")
+        return {}
+    grid: dict[str, tuple[str, ...]] = {}
+    for axis, values in raw.items():
+        if axis not in GRID_AXES:
+            errors.append(f"grid: unknown axis {axis!r}; allowed: {', '.join(GRID_AXES)}")
+            continue
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list) or not values:
+            errors.append(f"grid.{axis}: expected a non-empty list, got {values!r}")
+            continue
+        allowed = GRID_AXES[axis]
+        for v in values:
+            if not isinstance(v, str):
+                errors.append(f"grid.{axis}: value {v!r} must be a string (quote BMI strata like \"<25\")")
+            elif allowed is not None and v not in allowed:
+                errors.append(f"grid.{axis}: unknown value {v!r}; allowed: {', '.join(allowed)}")
+        if len(set(map(str, values))) != len(values):
+            errors.append(f"grid.{axis}: duplicate values in {values!r}")
+        grid[axis] = tuple(str(v) for v in values)
+    for axis in ("cohort", "measure"):
+        if axis not in grid and not any(e.startswith(f"grid.{axis}") for e in errors):
+            errors.append(f"grid: axis {axis!r} is required")
+    return grid
+
+
+def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
+    """Validate a loaded YAML mapping and return the typed grid; raise GridError listing all problems."""
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise GridError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    _check_keys(raw, _TOP_KEYS, "top level", errors)
+    for key in _REQUIRED:
+        if key not in raw:
+            errors.append(f"top level: required key {key!r} is missing")
+    grid = _parse_grid(raw.get("grid"), errors)
+    search = _parse_search(raw.get("search"), errors)
+    train = _typed_section(TrainConfig, raw.get("train"), "train", errors)
+    split = _typed_section(SplitConfig, raw.get("split"), "split", errors)
+    resources = _typed_section(ResourcesConfig, raw.get("resources_per_trial"), "resources_per_trial", errors)
+
+    if train.optimizer not in OPTIMIZERS:
+        errors.append(f"train.optimizer: invalid optimizer {train.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    if train.freeze not in FREEZE_MODES:
+        errors.append(f"train.freeze: invalid value {train.freeze!r}; allowed: {', '.join(FREEZE_MODES)}")
+    if isinstance(train.epochs, (int, float)) and (int(train.epochs) != train.epochs or train.epochs < 1):
+        errors.append(f"train.epochs: expected a positive integer, got {train.epochs!r}")
+    if isinstance(train.batch_size, (int, float)) and (int(train.batch_size) != train.batch_size or train.batch_size < 1):
+        errors.append(f"train.batch_size: expected a positive integer, got {train.batch_size!r}")
+    weights = train.weights
+    if isinstance(weights, str) and weights not in ("none", "imagenet"):
+        if not Path(weights).is_file():
+            errors.append(f"train.weights: {weights!r} is neither 'none', 'imagenet' nor an existing .pth file")
+    for name, frac in (("split.val", split.val), ("split.test", split.test)):
+        if isinstance(frac, (int, float)) and not 0 < frac < 1:
+            errors.append(f"{name}: expected a fraction in (0, 1), got {frac!r}")
+    if isinstance(split.val, (int, float)) and isinstance(split.test, (int, float)) and split.val + split.test >= 0.8:
+        errors.append(f"split: val + test = {split.val + split.test:.2f} leaves under 20% for training")
+    if resources.cpu is not None and isinstance(resources.cpu, (int, float)) and resources.cpu <= 0:
+        errors.append(f"resources_per_trial.cpu: expected > 0, got {resources.cpu!r}")
+
+    threshold = raw.get("threshold", "cohort")
+    if threshold not in THRESHOLDS:
+        errors.append(f"threshold: unknown value {threshold!r}; allowed: {', '.join(THRESHOLDS)}")
+    scheduler = raw.get("scheduler", "none")
+    if scheduler not in SCHEDULERS:
+        errors.append(f"scheduler: unknown value {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
+    ints = {"trials_per_cell": 1, "optuna_startup_trials": 0, "min_subjects_per_cell": 6}
+    for key, low in ints.items():
+        v = raw.get(key, getattr(GridConfig, key, None))
+        if key in raw and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            errors.append(f"{key}: expected an integer >= {low}, got {v!r}")
+    mc = _coerce(raw.get("max_concurrent_per_cell"), None, "max_concurrent_per_cell", errors)
+    for key in ("question", "store"):
+        if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
+            errors.append(f"{key}: expected a non-empty string, got {raw[key]!r}")
+    name = raw.get("name", Path(source).stem if source != "<dict>" else "grid")
+    if not isinstance(name, str) or not name:
+        errors.append(f"name: expected a non-empty string, got {name!r}")
+
+    if errors:
+        raise GridError(f"{source}: {len(errors)} problem(s) in the grid file:\n  - " + "\n  - ".join(errors))
+
+    return GridConfig(  # paths (store, weights) are relative to the working directory, like CLI paths
+        question=raw["question"].strip(), name=name, store=raw["store"], grid=grid, search=search,
+        threshold=threshold, trials_per_cell=raw.get("trials_per_cell", 8),
+        max_concurrent_per_cell=mc, scheduler=scheduler,
+        optuna_startup_trials=raw.get("optuna_startup_trials", 3),
+        min_subjects_per_cell=raw.get("min_subjects_per_cell", 20),
+        train=dataclasses.replace(train, epochs=int(train.epochs), batch_size=int(train.batch_size)),
+        split=split, resources_per_trial=resources, source=source,
+    )
+
+
+def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> GridConfig:
+    """Read a grid YAML (optionally with dotted-key overrides such as {"train.epochs": 2})."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: not valid YAML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_grid(raw, source=str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.epochs=2` → ("train.epochs", 2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise GridError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=2")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def search_space_size(grid: GridConfig) -> float:
+    """Number of distinct configurations (inf for continuous parameters), for the launch summary."""
+    size = 1.0
+    for p in grid.search:
+        size *= len(p.values) if p.kind == "choice" else math.inf
+    return size

@@ -1,0 +1,104 @@
+"""Grid + store → one checked plan per cell (subjects, labels, subject-level split), before Ray.
+
+Every cell's problems (unknown cohort in the store, too few subjects, a class missing from a
+partition) are collected and reported together, so a grid never fails an hour into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from study.config import Cell, GridConfig
+from study.data import (MEASURE_DIRECTIONS, check_disjoint, function_threshold, high_function_labels,
+                        split_subjects, stratum_rows)
+
+
+class PlanError(ValueError):
+    """The grid cannot run on this store; the message lists every problem found."""
+
+
+@dataclass
+class CellPlan:
+    cell: Cell
+    split: dict[str, np.ndarray]  # partition → store rows
+    labels: dict[str, np.ndarray]  # partition → 0/1, aligned with split
+    threshold: float
+    threshold_rule: str
+    direction: str
+
+    @property
+    def n(self) -> int:
+        return int(sum(len(v) for v in self.split.values()))
+
+    def counts(self) -> dict[str, int]:
+        out = {"n": self.n}
+        for part, y in self.labels.items():
+            out[f"n_{part}"] = int(len(y))
+            out[f"n_{part}_high"] = int(np.sum(y == 1))
+        return out
+
+
+def measure_direction(store, measure: str) -> str:
+    measures = getattr(store, "measures", None) or {}
+    info = measures.get(measure)
+    if isinstance(info, dict) and info.get("direction") in ("higher", "lower"):
+        return info["direction"]
+    return MEASURE_DIRECTIONS[measure]
+
+
+def plan_cell(grid: GridConfig, subjects: pd.DataFrame, cell: Cell, direction: str) -> CellPlan:
+    rows = stratum_rows(subjects, cohort=cell.cohort, measure=cell.measure, sex=cell.sex, bmi=cell.bmi)
+    if len(rows) < grid.min_subjects_per_cell:
+        raise PlanError(f"cell {cell.name}: {len(rows)} subjects with {cell.measure} "
+                        f"(min_subjects_per_cell is {grid.min_subjects_per_cell})")
+    if grid.threshold == "cohort":
+        # the seed's rule: the median of the whole cohort, also for sex/BMI strata
+        ref = stratum_rows(subjects, cohort=cell.cohort, measure=cell.measure)
+        rule = f"median of {cell.measure} over all {len(ref)} {cell.cohort} subjects"
+    else:
+        ref = rows
+        rule = f"median of {cell.measure} over the {len(ref)} subjects of this stratum"
+    threshold = function_threshold(subjects, measure=cell.measure, rows=ref)
+    labels_all = high_function_labels(subjects[cell.measure].to_numpy(dtype=float)[rows],
+                                      direction=direction, threshold=threshold)
+    strata = None
+    if grid.split.stratify_sex and cell.sex == "all" and "sex" in subjects:
+        strata = subjects["sex"].astype(str).to_numpy()[rows]
+    split = split_subjects(rows, labels_all, val=grid.split.val, test=grid.split.test,
+                           seed=grid.split.seed, strata=strata)
+    check_disjoint(split, subjects["subject_id"].to_numpy())
+    row_to_label = dict(zip(rows.tolist(), labels_all.tolist()))
+    labels = {part: np.array([row_to_label[r] for r in split[part]], dtype=np.int64) for part in split}
+    for part in ("train", "val", "test"):
+        if len(np.unique(labels[part])) < 2:
+            raise PlanError(f"cell {cell.name}: the {part} partition ({len(labels[part])} subjects) "
+                            f"holds one class only; use more subjects or a larger split.{part}")
+    return CellPlan(cell=cell, split=split, labels=labels, threshold=float(threshold),
+                    threshold_rule=rule, direction=direction)
+
+
+def plan_cells(grid: GridConfig, store) -> list[CellPlan]:
+    """Plan every cell; raise PlanError listing all problems at once."""
+    subjects = store.subjects
+    errors: list[str] = []
+    cohorts = sorted(set(subjects["cohort"].dropna().astype(str)))
+    for cohort in grid.grid.get("cohort", ()):
+        if cohort not in cohorts:
+            errors.append(f"grid.cohort: {cohort!r} is not in the store {grid.store}; it holds: {', '.join(cohorts) or 'none'}")
+    for measure in grid.grid.get("measure", ()):
+        if measure not in subjects.columns:
+            errors.append(f"grid.measure: {measure!r} is not a column of the store's subjects table")
+    if errors:
+        raise PlanError(f"{grid.source}: {len(errors)} problem(s) with the store:\n  - " + "\n  - ".join(errors))
+    plans = []
+    for cell in grid.cells():
+        try:
+            plans.append(plan_cell(grid, subjects, cell, measure_direction(store, cell.measure)))
+        except ValueError as exc:  # includes PlanError and split/stratum errors from study.data
+            errors.append(str(exc))
+    if errors:
+        raise PlanError(f"{grid.source}: {len(errors)} cell(s) cannot run:\n  - " + "\n  - ".join(errors))
+    return plans

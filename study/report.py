@@ -1,0 +1,62 @@
+"""Per-cell results as a table and a plot: test accuracy with its 95% CI beside the baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+TABLE_COLUMNS = ["cell", "n_train", "n_val", "n_test", "best_val_acc", "test_baseline_acc",
+                 "test_acc", "test_acc_ci_low", "test_acc_ci_high", "test_auroc", "test_perm_p", "status"]
+
+
+def results_table(results: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(results)
+    for col in TABLE_COLUMNS:
+        if col not in df:
+            df[col] = float("nan") if col != "status" else ""
+    return df
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """Fixed-width text table for the terminal: accuracy vs the majority-class baseline, with CI."""
+    lines = [f"{'cell':<44} {'n tr/va/te':>12} {'val acc':>8} {'baseline':>9} {'test acc [95% CI]':>22} "
+             f"{'AUROC':>6} {'perm p':>7}"]
+    for _, r in df.iterrows():
+        if r["status"] != "ok":
+            lines.append(f"{r['cell']:<44} {r['status']}")
+            continue
+        n = f"{int(r['n_train'])}/{int(r['n_val'])}/{int(r['n_test'])}"
+        ci = f"{r['test_acc']:.3f} [{r['test_acc_ci_low']:.2f}, {r['test_acc_ci_high']:.2f}]"
+        lines.append(f"{r['cell']:<44} {n:>12} {r['best_val_acc']:>8.3f} {r['test_baseline_acc']:>9.3f} "
+                     f"{ci:>22} {r['test_auroc']:>6.3f} {r['test_perm_p']:>7.3f}")
+    return "\n".join(lines)
+
+
+def plot_accuracy(df: pd.DataFrame, out: Path, title: str) -> Path:
+    """Dot-and-whisker plot of test accuracy (95% bootstrap CI) per cell, baseline as a red tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[df["status"] == "ok"].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(8, 0.6 * max(len(ok), 2) + 1.5))
+    y = range(len(ok))
+    if len(ok):
+        err = [ok["test_acc"] - ok["test_acc_ci_low"], ok["test_acc_ci_high"] - ok["test_acc"]]
+        ax.errorbar(ok["test_acc"], y, xerr=err, fmt="o", color="C0", capsize=4, label="test accuracy (95% CI)")
+        ax.scatter(ok["test_baseline_acc"], y, marker="|", s=400, color="C3", label="majority-class baseline")
+        ax.scatter(ok["best_val_acc"], y, marker="x", color="grey", label="validation accuracy (selection)")
+    ax.axvline(0.5, color="lightgrey", lw=1, zorder=0)
+    ax.set_yticks(list(y), ok["cell"].tolist() if len(ok) else [])
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("subject-level accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,150 @@
+"""Series discovery, selection and volume loading on real DICOM files written here."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from data_prep.dicom_series import (DicomSeriesError, load_volume, read_thigh_volume,
+                                    scan_tree, select_thigh_series)
+
+AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+CORONAL = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+
+
+def write_series(folder, *, n=6, description="AX_T1_THIGH", orientation=AXIAL, z0=100.0,
+                 dz=-5.0, slope=None, intercept=None, image_type=("ORIGINAL", "PRIMARY"),
+                 patient_id="9000001", series_number=3, seed=0):
+    """Write `n` single-frame slices with shuffled extensionless names.
+
+    Slice k (InstanceNumber k+1) sits at z0 + k*dz and holds stored value 10*(k+1) + pixel
+    noise-free ramp, so order and rescale can be checked exactly. Returns the file paths
+    in InstanceNumber order.
+    """
+    template = pydicom.dcmread(get_testdata_file("MR_small.dcm", download=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = generate_uid()
+    names = [f"{i:08d}" for i in random.Random(seed).sample(range(10**6), n)]
+    normal = np.cross(orientation[:3], orientation[3:])
+    paths = []
+    for k in range(n):
+        ds = copy.deepcopy(template)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesDescription = description
+        ds.SeriesNumber = series_number
+        ds.ImageType = list(image_type)
+        ds.PatientID = patient_id
+        ds.PatientName = "Doe^Jane"
+        ds.InstanceNumber = k + 1
+        ds.ImageOrientationPatient = list(orientation)
+        ds.ImagePositionPatient = [float(v) for v in np.array([-80.0, -90.0, 0.0])
+                                   + (z0 + k * dz) * normal]
+        pixels = np.full((ds.Rows, ds.Columns), 10 * (k + 1), dtype=np.int16)
+        ds.PixelData = pixels.tobytes()
+        if slope is not None:
+            ds.RescaleSlope = slope
+            ds.RescaleIntercept = intercept or 0
+        path = folder / names[k]
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def test_scan_ignores_localizer_and_orders_along_normal(tmp_path):
+    write_series(tmp_path / "p" / "3", n=7, dz=-5.0)  # z decreases with InstanceNumber
+    write_series(tmp_path / "p" / "1", n=3, description="MP_LOCATOR_THIGH", orientation=CORONAL,
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), series_number=1)
+    scan = scan_tree(tmp_path)
+    assert len(scan.series) == 2 and scan.skipped == []
+    sel = select_thigh_series(scan.series, ["^AX_T1_THIGH$"])
+    assert sel.series is not None and sel.series.description == "AX_T1_THIGH"
+    assert [r for _, r in sel.rejected] == ["localizer (ImageType)"]
+    volume, geom = load_volume(sel.series)
+    assert volume.dtype == np.float32 and volume.shape == (7, 64, 64)
+    # increasing z along the normal = reverse InstanceNumber order: values 70, 60, ..., 10
+    assert volume[:, 0, 0].tolist() == [70, 60, 50, 40, 30, 20, 10]
+    assert geom.slice_spacing == pytest.approx(5.0)
+    assert np.all(np.diff(geom.positions) > 0)
+
+
+def test_localizer_without_imagetype_rejected_by_orientation(tmp_path):
+    write_series(tmp_path / "loc", n=3, description="AX_T1_THIGH", orientation=CORONAL)
+    sel = select_thigh_series(scan_tree(tmp_path).series, ["AX_T1_THIGH"])
+    assert sel.series is None and "not axial" in sel.note
+
+
+def test_description_pattern_is_configurable(tmp_path):
+    write_series(tmp_path / "s", n=4, description="T1_AXIAL_THIGH")
+    series = scan_tree(tmp_path).series
+    assert select_thigh_series(series, ["^AX_T1_THIGH$"]).series is None
+    assert select_thigh_series(series, ["T1.*AX.*THIGH"]).series is not None
+
+
+def test_several_candidates_most_files_then_latest(tmp_path):
+    write_series(tmp_path / "a", n=5, series_number=3, seed=1)
+    write_series(tmp_path / "b", n=5, series_number=7, seed=2)
+    write_series(tmp_path / "c", n=4, series_number=9, seed=3)
+    sel = select_thigh_series(scan_tree(tmp_path).series, ["THIGH"])
+    assert sel.series.series_number == 7 and len(sel.candidates) == 3
+    assert "3 candidates" in sel.note
+
+
+def test_rescale_applied(tmp_path):
+    write_series(tmp_path, n=3, dz=5.0, slope=2.0, intercept=-5.0)
+    volume, _ = load_volume(scan_tree(tmp_path).series[0])
+    assert volume[:, 3, 3].tolist() == [15.0, 35.0, 55.0]
+
+
+def test_non_dicom_and_truncated_files_reported_not_fatal(tmp_path):
+    paths = write_series(tmp_path / "p", n=5, dz=5.0)
+    (tmp_path / "p" / "README").write_text("not dicom")
+    (tmp_path / "p" / "junk").write_bytes(b"\x00" * 300)
+    scan = scan_tree(tmp_path)
+    assert len(scan.series) == 1 and scan.series[0].n_files == 5
+    assert sorted(s.reason for s in scan.skipped) == ["not a DICOM file"] * 2
+    # Truncate one slice inside its pixel data: the header still reads, the volume must not.
+    data = paths[2].read_bytes()
+    paths[2].write_bytes(data[: len(data) - 4000])
+    scan = scan_tree(tmp_path)
+    assert scan.series[0].n_files == 5
+    with pytest.raises(DicomSeriesError, match="pixel data"):
+        load_volume(scan.series[0])
+
+
+def test_truncated_header_is_skipped(tmp_path):
+    paths = write_series(tmp_path, n=4, dz=5.0)
+    paths[0].write_bytes(paths[0].read_bytes()[:200])
+    scan = scan_tree(tmp_path)
+    assert scan.series[0].n_files == 3
+    assert len(scan.skipped) == 1
+
+
+def test_inconsistent_geometry_raises(tmp_path):
+    paths = write_series(tmp_path, n=4, dz=5.0)
+    ds = pydicom.dcmread(paths[3])
+    ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
+                               float(ds.ImagePositionPatient[2]) + 7.0]
+    ds.save_as(paths[3])
+    with pytest.raises(DicomSeriesError, match="uneven slice spacing"):
+        load_volume(scan_tree(tmp_path).series[0])
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9, 0.43589]
+    ds.save_as(paths[3])
+    with pytest.raises(DicomSeriesError, match="orientation"):
+        load_volume(scan_tree(tmp_path).series[0])
+
+
+def test_read_thigh_volume_convenience(tmp_path):
+    write_series(tmp_path / "7", n=6, dz=-5.0)
+    write_series(tmp_path / "1", n=2, description="MP_LOCATOR_THIGH", orientation=CORONAL)
+    volume, geom, sel = read_thigh_volume(tmp_path, ["AX_T1_THIGH"])
+    assert volume.shape == (6, 64, 64) and volume[0, 0, 0] == 60
+    with pytest.raises(DicomSeriesError, match="no axial thigh series"):
+        read_thigh_volume(tmp_path, ["NO_SUCH_SERIES"])

@@ -1,0 +1,87 @@
+"""Grid files: every shipped ablation parses; bad keys and values are refused with their names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study.config import GridError, load_grid, parse_grid, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = {
+    "question": "q?",
+    "store": "x.zarr",
+    "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
+    "search": {"lr": {"loguniform": [1e-4, 1e-2]}},
+}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_ablations_parse(path):
+    grid = load_grid(path)
+    assert grid.question and grid.cells()
+    assert all(c.measure in grid.grid["measure"] for c in grid.cells())
+
+
+def test_bmi_grid_expands_cartesian_product():
+    grid = load_grid(REPO / "ablations" / "bmi.yaml")
+    assert len(grid.cells()) == 2 * 1 * 3 * 4
+    names = {c.name for c in grid.cells()}
+    assert "oai__leg_strength__sex-female__bmi-lt25" in names
+    assert "somma__leg_strength__sex-all__bmi-ge30" in names
+
+
+def test_misspelled_key_is_named_with_allowed_keys():
+    raw = {**MINIMAL, "trails_per_cell": 4, "train": {"epochz": 3}}
+    with pytest.raises(GridError) as exc:
+        parse_grid(raw)
+    msg = str(exc.value)
+    assert "'trails_per_cell'" in msg and "trials_per_cell" in msg.split("'trails_per_cell'")[1]
+    assert "train: unknown key 'epochz'" in msg and "epochs" in msg
+    assert "2 problem(s)" in msg  # both reported at once
+
+
+def test_unknown_stratum_values_are_named():
+    raw = {**MINIMAL, "grid": {"cohort": ["oai"], "measure": ["leg_strenght"], "sex": ["males"], "bmi": ["<=25"]}}
+    with pytest.raises(GridError) as exc:
+        parse_grid(raw)
+    msg = str(exc.value)
+    for bad in ("'leg_strenght'", "'males'", "'<=25'"):
+        assert bad in msg
+    assert "allowed: all, <25, 25-30, >=30" in msg
+
+
+def test_bad_search_space_and_train_values():
+    raw = {**MINIMAL, "search": {"lr": {"loguniform": [0, 1]}, "freeze": {"choice": ["fc", "layer5"]},
+                                 "dropout": {"uniform": [0, 1]}},
+           "train": {"optimizer": "rmsprop", "weights": "missing.pth"}, "split": {"val": 0.5, "test": 0.4}}
+    with pytest.raises(GridError) as exc:
+        parse_grid(raw)
+    msg = str(exc.value)
+    assert "search.lr.loguniform" in msg and "layer5" in msg and "search.dropout: cannot be searched" in msg
+    assert "invalid optimizer 'rmsprop'" in msg and "'missing.pth'" in msg and "leaves under 20%" in msg
+
+
+def test_overrides_apply_dotted_keys(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    grid = load_grid(path, dict([parse_override("train.epochs=2"), parse_override("trials_per_cell=5")]))
+    assert grid.train.epochs == 2 and grid.trials_per_cell == 5
+    assert grid.name == "g"  # experiment named after the file
+
+
+def test_launch_refuses_bad_grid_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from study.launch import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "grid": {"cohort": ["oai"], "measure": ["leg_strength"], "sex": ["man"]},
+                                    "epochs": 3}))
+    assert main(["--grid", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'man'" in err and "unknown key 'epochs'" in err
+    assert not ray.is_initialized()
