@@ -234,13 +234,15 @@ def load_cohort_table(spec: CohortSpec, tables_dir: str | Path) -> tuple[pd.Data
         raise CohortSpecError(f"cohort {spec.name}: column(s) {absent} named in the spec are "
                               f"not in the tables (available: {sorted(all_columns)})")
 
-    def cells(column: str) -> tuple[pd.Series, pd.Series]:
+    def cells(column: str) -> tuple[pd.Series, list[str | None]]:
         """(cells with missing set to None, missing labels) and counts into the report."""
-        labels = raw[column].map(lambda c: _missing_label(c, extra_missing))
-        counts = Counter(labels.dropna())
+        raw_cells = [str(c) for c in raw[column]]
+        labels = [_missing_label(c, extra_missing) for c in raw_cells]
+        counts = Counter(lab for lab in labels if lab is not None)
         if counts:
             report["missing"][column] = dict(sorted(counts.items()))
-        return raw[column].where(labels.isna(), None), labels
+        values = [c if lab is None else None for c, lab in zip(raw_cells, labels)]
+        return pd.Series(values, index=raw.index, dtype=object), labels
 
     def numeric(column: str) -> pd.Series:
         values, _ = cells(column)

@@ -12,10 +12,12 @@ Slice order comes from ImagePositionPatient projected on the slice normal
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,10 +104,18 @@ class Geometry:
     shape: tuple[int, int, int]
 
 
-def _read_header(path: Path) -> pydicom.Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=True)
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and log records: they quote element values (names, UIDs)."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def scan_tree(root: str | os.PathLike) -> ScanResult:
@@ -118,9 +128,17 @@ def scan_tree(root: str | os.PathLike) -> ScanResult:
     by_uid: dict[str, SeriesInfo] = {}
     skipped: list[SkippedFile] = []
     paths = sorted(p for p in root.rglob("*") if p.is_file())
+    with _quiet_pydicom():
+        _scan_files(paths, by_uid, skipped)
+    series = sorted(by_uid.values(), key=lambda s: (s.patient_key, s.series_number or 0, s.uid))
+    return ScanResult(series=series, skipped=skipped)
+
+
+def _scan_files(paths: list[Path], by_uid: dict[str, SeriesInfo],
+                skipped: list[SkippedFile]) -> None:
     for path in paths:
         try:
-            ds = _read_header(path)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
             reason = "not a DICOM file" if isinstance(exc, InvalidDicomError) else (
                 f"unreadable DICOM header ({type(exc).__name__})")
@@ -144,8 +162,6 @@ def scan_tree(root: str | os.PathLike) -> ScanResult:
             )
             by_uid[uid] = info
         info.files.append(path)
-    series = sorted(by_uid.values(), key=lambda s: (s.patient_key, s.series_number or 0, s.uid))
-    return ScanResult(series=series, skipped=skipped)
 
 
 def select_thigh_series(
@@ -190,41 +206,46 @@ def load_volume(series: SeriesInfo) -> tuple[np.ndarray, Geometry]:
     """
     if not series.files:
         raise DicomSeriesError("series has no files")
-    slices = []
-    for path in series.files:
-        name = path.name
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path)
-        except Exception as exc:  # noqa: BLE001 - any read failure is a file problem
-            raise DicomSeriesError(f"file {name}: cannot be read ({type(exc).__name__})") from exc
-        # A truncated file can come back as a dataset without pixel data and only a warning.
-        if "PixelData" not in ds or ds.get("PixelData") in (None, b""):
-            raise DicomSeriesError(f"file {name}: no pixel data (truncated or not an image)")
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - decoder errors vary by transfer syntax
-            raise DicomSeriesError(
-                f"file {name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})"
-            ) from exc
-        if pixels.ndim != 2:
-            raise DicomSeriesError(f"file {name}: expected one 2-D frame, got shape {pixels.shape}")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        orientation = ds.get("ImageOrientationPatient")
-        position = ds.get("ImagePositionPatient")
-        spacing = ds.get("PixelSpacing")
-        if orientation is None or position is None:
-            raise DicomSeriesError(f"file {name}: missing ImageOrientationPatient/PositionPatient")
-        slices.append({
-            "name": name,
-            "pixels": pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept),
-            "orientation": np.array([float(v) for v in orientation]),
-            "position": np.array([float(v) for v in position]),
-            "spacing": tuple(float(v) for v in spacing) if spacing else (1.0, 1.0),
-        })
+    with _quiet_pydicom():
+        slices = [_read_slice(path) for path in series.files]
+    return _assemble(slices)
 
+
+def _read_slice(path: Path) -> dict:
+    """One file -> pixels (rescaled float32) and geometry; DicomSeriesError if unusable."""
+    name = path.name
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - any read failure is a file problem
+        raise DicomSeriesError(f"file {name}: cannot be read ({type(exc).__name__})") from exc
+    # A truncated file can come back as a dataset without pixel data and only a warning.
+    if "PixelData" not in ds or ds.get("PixelData") in (None, b""):
+        raise DicomSeriesError(f"file {name}: no pixel data (truncated or not an image)")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoder errors vary by transfer syntax
+        raise DicomSeriesError(
+            f"file {name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})"
+        ) from exc
+    if pixels.ndim != 2:
+        raise DicomSeriesError(f"file {name}: expected one 2-D frame, got shape {pixels.shape}")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    orientation = ds.get("ImageOrientationPatient")
+    position = ds.get("ImagePositionPatient")
+    spacing = ds.get("PixelSpacing")
+    if orientation is None or position is None:
+        raise DicomSeriesError(f"file {name}: missing ImageOrientationPatient/PositionPatient")
+    return {
+        "name": name,
+        "pixels": pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept),
+        "orientation": np.array([float(v) for v in orientation]),
+        "position": np.array([float(v) for v in position]),
+        "spacing": tuple(float(v) for v in spacing) if spacing else (1.0, 1.0),
+    }
+
+
+def _assemble(slices: list[dict]) -> tuple[np.ndarray, Geometry]:
     ref = slices[0]
     for s in slices[1:]:
         if s["pixels"].shape != ref["pixels"].shape:

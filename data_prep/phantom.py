@@ -23,7 +23,7 @@ Signal levels are the T1 values from DOMAIN.md; all generation is vectorised num
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -90,7 +90,6 @@ class PhantomStack:
     area_scale: np.ndarray
     snr: float
     gain: float
-    noiseless: np.ndarray = field(repr=False, default=None)
 
 
 def pixel_spacing(matrix: tuple[int, int]) -> tuple[float, float]:
@@ -108,46 +107,67 @@ def slice_area_scale(taper: float, n_slices: int = N_SLICES) -> np.ndarray:
 def _harmonics(theta: np.ndarray, amps: np.ndarray, phases: np.ndarray, first: int) -> np.ndarray:
     out = np.ones_like(theta)
     for k, (a, p) in enumerate(zip(amps, phases), start=first):
-        out += a * np.cos(k * theta + p)
+        out += float(a) * np.cos(k * theta + float(p))
     return out
 
 
 def _soft_inside(boundary: np.ndarray, dist: np.ndarray, px: float) -> np.ndarray:
     """Linear partial-volume fraction of pixels inside `dist < boundary` (same units)."""
-    return np.clip((boundary - dist) / px + 0.5, 0.0, 1.0)
+    out = boundary - dist
+    out *= 1.0 / px
+    out += 0.5
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _render_thigh(anat: ThighAnatomy, side: int, shape: tuple[int, int],
                   spacing: tuple[float, float], scale: np.ndarray,
-                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Tissue fractions (n, rows, cols_half) of one thigh; side +1 = right, -1 = left."""
+                  rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Tissue fractions and noiseless relative signal, each (n, rows, cols_half), of one
+    thigh; side +1 = right, -1 = left. Angles: theta 0 = medial, pi/2 = posterior."""
     rows, cols = shape
     dr, dc = spacing
     px = float(np.sqrt(dr * dc))
-    # medial is towards the image centre: +x for the right thigh (left image half)
-    cx = rng.uniform(-6, 6) - side * rng.uniform(0, 6)
-    cy = rng.uniform(-8, 8)
-    y = ((np.arange(rows, dtype=np.float32) + 0.5) - rows / 2) * dr - cy
-    x = ((np.arange(cols, dtype=np.float32) + 0.5) - cols / 2) * dc - cx
-    X, Y = np.meshgrid(x, y)
-    rho, theta = np.hypot(X, Y), np.arctan2(Y, X * side)  # theta 0 = medial, pi/2 = posterior
-
+    n = len(scale)
     lr = 1.0 + side * anat.asymmetry
     comp_mm2 = (anat.muscle_area_cm2 + anat.imat_area_cm2 + anat.bone_area_cm2) * 100 * lr
     fat_mm2 = anat.fat_area_cm2 * 100 * lr
+    # medial is towards the image centre: +x for the right thigh (left image half)
+    cx, cy = rng.uniform(-6, 6) - side * rng.uniform(0, 6), rng.uniform(-8, 8)
     a = np.array([rng.uniform(0.03, 0.08), rng.uniform(0, 0.04), rng.uniform(0, 0.02)])
-    r_m = _harmonics(theta, a, rng.uniform(0, 2 * np.pi, 3), first=2)
-    r_m *= np.sqrt(comp_mm2 / (np.pi * (1 + 0.5 * np.sum(a**2))))  # area of r(theta)^2 / 2
+    phase_a = rng.uniform(0, 2 * np.pi, 3)
     b = np.array([rng.uniform(0.1, 0.35), rng.uniform(0, 0.2), rng.uniform(0, 0.1)])
     phase_b = np.array([np.pi + rng.uniform(-0.6, 0.6), *rng.uniform(0, 2 * np.pi, 2)])
-    g = _harmonics(theta, b, phase_b, first=1)  # fat thicker laterally (theta = pi)
-    r_out2 = r_m**2 + (fat_mm2 / np.pi) * g  # ring area = integral(T g)/2 = fat_mm2
+
+    def radii(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r_m = _harmonics(theta, a, phase_a, first=2)
+        r_m *= np.float32(np.sqrt(comp_mm2 / (np.pi * (1 + 0.5 * np.sum(a**2)))))  # area = pi R^2 (1 + sum a^2 / 2)
+        g = _harmonics(theta, b, phase_b, first=1)  # fat thicker laterally (theta = pi)
+        return r_m, np.sqrt(r_m**2 + np.float32(fat_mm2 / np.pi) * g)  # ring area = fat_mm2
+
+    # big thighs: centre them and round them off until they fit their half of the image
+    lin_max = float(np.sqrt(scale.max()))
+    for _ in range(6):
+        r_max = float(radii(np.linspace(-np.pi, np.pi, 720, dtype=np.float32))[1].max()) * lin_max
+        if r_max + 2 * px <= min(rows * dr / 2 - abs(cy), cols * dc / 2 - abs(cx)):
+            break
+        cx, cy, a, b = 0.0, 0.0, a / 2, b / 2
+    # work inside the bounding box of the thigh only
+    i0, i1 = (max(0, int(np.floor((rows * dr / 2 + cy + sgn * (r_max + 2 * px)) / dr)) + k)
+              for sgn, k in ((-1, 0), (1, 1)))
+    j0, j1 = (max(0, int(np.floor((cols * dc / 2 + cx + sgn * (r_max + 2 * px)) / dc)) + k)
+              for sgn, k in ((-1, 0), (1, 1)))
+    i1, j1 = min(i1, rows), min(j1, cols)
+    y = ((np.arange(i0, i1, dtype=np.float32) + 0.5) - rows / 2) * dr - cy
+    x = ((np.arange(j0, j1, dtype=np.float32) + 0.5) - cols / 2) * dc - cx
+    X, Y = np.meshgrid(x, y)
+    rho, theta = np.hypot(X, Y), np.arctan2(Y, X * side)
+    r_m, r_out = radii(theta)
 
     # femur slightly lateral and anterior of centre; everything scales with the slice
-    r_c = np.sqrt(comp_mm2 / np.pi)
+    r_c = float(np.sqrt(comp_mm2 / np.pi))
     fx, fy = -side * rng.uniform(0, 0.08) * r_c, -rng.uniform(0, 0.1) * r_c
     lin = np.sqrt(scale).astype(np.float32)[:, None, None]  # linear scale per slice
-    outer = _soft_inside(np.sqrt(r_out2) * lin, rho, px)
+    outer = _soft_inside(r_out * lin, rho, px)
     comp = _soft_inside(r_m * lin, rho, px)
     d_fem = np.hypot(X - fx * lin, Y - fy * lin)
     bone = _soft_inside(anat.femur_radius_mm * lin, d_fem, px)
@@ -155,32 +175,40 @@ def _render_thigh(anat: ThighAnatomy, side: int, shape: tuple[int, int],
     soft = np.clip(comp - bone, 0.0, 1.0)
 
     # IMAT texture: septa radiating from the femur plus marbling, drifting slowly along z
-    th_f = np.arctan2(Y - fy, X - fx)
-    r_f = np.hypot(X - fx, Y - fy)
+    th_f, r_f = np.arctan2(Y - fy, X - fx), np.hypot(X - fx, Y - fy)
     septa = np.zeros_like(rho)
     for phi in rng.uniform(0, 2 * np.pi, rng.integers(5, 8)):
-        wob = phi + 0.25 * np.sin(r_f / rng.uniform(15, 30) + rng.uniform(0, 2 * np.pi))
-        d = r_f * np.abs(np.sin(th_f - wob))
-        septa = np.maximum(septa, np.exp(-(d / 1.5) ** 2) * (np.cos(th_f - wob) > 0))
-    blur = (3.0 / dr, 3.0 / dc)
-    fa, fb = (ndimage.gaussian_filter(rng.standard_normal((rows, cols)).astype(np.float32), blur)
-              for _ in range(2))
+        wavelength, phase = float(rng.uniform(15, 30)), float(rng.uniform(0, 2 * np.pi))
+        wob = float(phi) + 0.25 * np.sin(r_f / wavelength + phase)
+        d = r_f * np.sin(th_f - wob)
+        septa = np.maximum(septa, np.exp(-(d / 2.0) ** 2) * (np.cos(th_f - wob) > 0))
+    fa, fb = (ndimage.gaussian_filter(rng.standard_normal(X.shape).astype(np.float32),
+                                      (3.0 / dr, 3.0 / dc)) for _ in range(2))
     fa, fb = fa / fa.std(), fb / fb.std()
-    n = len(scale)
     alpha = rng.uniform(0, np.pi) + np.linspace(0, 0.8, n)[:, None, None]
-    texture = 1.5 * septa + np.cos(alpha) * fa + np.sin(alpha) * fb
+    texture = 2.5 * septa + np.cos(alpha).astype(np.float32) * fa
+    texture += np.sin(alpha).astype(np.float32) * fb
     imat = np.empty_like(soft)
-    for k in range(n):
-        inside = soft[k] > 0.5
-        t = np.quantile(texture[k][inside], 1.0 - anat.imat_fraction)
+    for k in range(n):  # quantile threshold: IMAT is exactly imat_fraction of the compartment
+        t = np.quantile(texture[k][soft[k] > 0.5], 1.0 - anat.imat_fraction)
         imat[k] = soft[k] * np.clip((texture[k] - t) / 0.2 + 0.5, 0.0, 1.0)
-    return {
-        "muscle": soft - imat, "imat": imat, "subcut_fat": np.clip(outer - comp, 0.0, 1.0),
-        "marrow": marrow, "cortex": np.clip(bone - marrow, 0.0, 1.0),
-        "muscle_tone": 1.0 + 0.05 * fb,  # slow variation of muscle signal between muscles
-        "fascia": np.exp(-(((rho - r_m * lin) / max(0.8, 0.5 * px)) ** 2)),
-        "skin": np.exp(-(((rho - np.sqrt(r_out2) * lin) / max(1.2, 0.5 * px)) ** 2)),
-    }
+    fat = np.clip(outer - comp, 0.0, 1.0)
+    crop = {"muscle": soft - imat, "imat": imat, "subcut_fat": fat, "marrow": marrow,
+            "cortex": np.clip(bone - marrow, 0.0, 1.0)}
+    tone = 1.0 + 0.05 * fb  # slow variation of muscle signal between muscles
+    s = SIGNAL
+    signal = s["fat"] * (fat + imat) + s["marrow"] * marrow + s["muscle"] * tone * crop["muscle"]
+    # dark fascia line along the compartment boundary (a 1 mm line fades in larger pixels)
+    depth = 0.85 * min(1.0, 1.0 / min(spacing))
+    fascia = np.exp(-(((rho - r_m * lin) * np.float32(1 / max(0.8, 0.5 * px))) ** 2))
+    skin = np.exp(-(((rho - r_out * lin) * np.float32(1 / max(1.2, 0.5 * px))) ** 2))
+    signal *= 1.0 - depth * fascia
+    signal *= 1.0 - 0.35 * skin * fat
+    tissue = {}
+    for name, values in (*crop.items(), ("signal", signal)):
+        tissue[name] = np.zeros((n, rows, cols), np.float32)
+        tissue[name][:, i0:i1, j0:j1] = values
+    return tissue, tissue.pop("signal")
 
 
 def _bias_field(shape: tuple[int, int], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -192,9 +220,9 @@ def _bias_field(shape: tuple[int, int], n: int, rng: np.random.Generator) -> np.
         ux = rng.uniform(-0.6, 0.6)
         p = p + rng.uniform(0.5, 1.5) * np.exp(-((u - ux) ** 2 + (v - vy) ** 2) / 0.3)
     p = (p - p.mean()) / np.abs(p - p.mean()).max()
-    b = 1.0 + rng.uniform(0.12, 0.2) * p
+    b = (1.0 + rng.uniform(0.12, 0.2) * p).astype(np.float32)
     gz = rng.uniform(-0.03, 0.03) * np.linspace(-1, 1, n)
-    return (b[None] * (1.0 + gz[:, None, None])).astype(np.float32)
+    return b[None] * (1.0 + gz[:, None, None]).astype(np.float32)
 
 
 def render_axial_stack(anat: ThighAnatomy, *, matrix: tuple[int, int] = (256, 512),
@@ -217,26 +245,24 @@ def render_axial_stack(anat: ThighAnatomy, *, matrix: tuple[int, int] = (256, 51
     spacing = pixel_spacing(matrix)
     scale = slice_area_scale(anat.taper, n_slices)
     half = (rows, cols // 2)
-    tissue = {}
+    tissue: dict[str, np.ndarray] = {}
+    signal = np.empty((n_slices, rows, cols), np.float32)
     for side, cols_slice in ((+1, slice(0, cols // 2)), (-1, slice(cols // 2, cols))):
-        for name, frac in _render_thigh(anat, side, half, spacing, scale, rng).items():
-            full = tissue.setdefault(name, np.zeros((n_slices, rows, cols), np.float32))
+        fractions, signal[:, :, cols_slice] = _render_thigh(anat, side, half, spacing, scale, rng)
+        for name, frac in fractions.items():
+            full = tissue.setdefault(name, np.empty((n_slices, rows, cols), np.float32))
             full[:, :, cols_slice] = frac
-    s = SIGNAL
-    signal = (s["fat"] * (tissue["subcut_fat"] + tissue["imat"]) + s["marrow"] * tissue["marrow"]
-              + s["muscle"] * tissue.pop("muscle_tone") * tissue["muscle"])
-    fascia_depth = 0.85 * min(1.0, 1.0 / min(spacing))  # a 1 mm line fades in larger pixels
-    signal *= 1.0 - fascia_depth * tissue.pop("fascia")
-    signal *= 1.0 - 0.35 * tissue.pop("skin") * tissue["subcut_fat"]
     signal *= _bias_field((rows, cols), n_slices, rng)
     snr = float(rng.uniform(20, 30)) if snr is None else float(snr)
     gain = float(rng.uniform(3600, 4000))
-    sigma = s["fat"] / snr
+    sigma = SIGNAL["fat"] / snr
     noise = rng.standard_normal((2, *signal.shape), dtype=np.float32) * np.float32(sigma)
-    image = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude
-    image = np.clip(np.rint(image * gain), 0, 4095).astype(np.float32)
+    noise[0] += signal
+    image = np.hypot(noise[0], noise[1], out=noise[0])  # Rician magnitude
+    image *= np.float32(gain)
+    image = np.clip(np.rint(image, out=image), 0, 4095, out=image)
     return PhantomStack(image=image, tissue=tissue, pixel_spacing_mm=spacing, area_scale=scale,
-                        snr=snr, gain=gain, noiseless=(signal * gain).astype(np.float32))
+                        snr=snr, gain=gain)
 
 
 def render_localizer(anat: ThighAnatomy, *, size: int, rng: np.random.Generator,

@@ -194,6 +194,18 @@ def start(home: str | os.PathLike | None = None, port: int | None = None, timeou
         running = status(home)
         if running is not None:
             return running
+        recorded = _read_state(home)
+        if recorded is not None and _pid_alive(recorded.pid):
+            # Alive but not answering (busy under a study's load?): a second server on the
+            # same SQLite file would be worse than waiting.
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if _healthy(recorded.url, timeout=5):
+                    return recorded
+                time.sleep(1)
+            raise RuntimeError(f"MLflow server pid {recorded.pid} recorded in {_state_file(home)} is "
+                               f"alive but {recorded.url}/health did not answer within {timeout:.0f} s. "
+                               f"Stop it with `python -m mlflow_server stop --home {home}`.")
         if port is None:
             port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
         elif not _port_free(port):
@@ -232,7 +244,7 @@ def _kill_group(pgid: int, timeout: float = 20) -> None:
     """SIGTERM the process group, SIGKILL whatever is left after ``timeout``; wait until gone."""
     for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pgid, sig)
+            os.killpg(pgid, sig)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if not _group_alive(pgid):

@@ -63,7 +63,7 @@ def load_and_plan(grid_path: str, overrides: list[str]) -> tuple[GridConfig, obj
 
 def print_plan(grid: GridConfig, store, plans: list[CellPlan]) -> None:
     print(f"question: {grid.question}")
-    print(f"store: {grid.store} (content hash {store.content_hash[:12]}), {len(store.subjects)} subjects")
+    print(f"store: {grid.store} (content hash {store.content_hash.split(':')[-1][:12]}), {len(store.subjects)} subjects")
     print(f"{len(plans)} cell(s) x {grid.trials_per_cell} trials; search: "
           + ", ".join(f"{p.name}~{p.kind}{list(p.values)}" for p in grid.search))
     for plan in plans:

@@ -129,9 +129,13 @@ def _load_path_weights(model: ThighResNet, path: Path) -> None:
         raise FileNotFoundError(
             f"weights file {str(path)!r} does not exist; weights must be one of {WEIGHTS_CHOICES}"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickled modules, truncated files, non-torch files
+        raise ValueError(
+            f"weights file {str(path)!r} is not a loadable state dict ({type(err).__name__}); "
+            "save one with torch.save(model.state_dict(), path)"
+        ) from err
     if not isinstance(state, dict):
         raise ValueError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state dict")
     if any(k.startswith("backbone.") for k in state):

@@ -62,7 +62,7 @@ def predict_participant(model, metadata: dict, folder: Path) -> dict:
     from study.data import central_slices, to_model_input
 
     recipe = Recipe.from_dict(metadata["recipe"])
-    volume, _geometry = read_thigh_volume(folder)
+    volume, _geometry, _selection = read_thigh_volume(folder)
     images, _stats = apply_recipe(volume, recipe)
     keep = central_slices(len(images), metadata.get("slices_per_subject"))
     size = tuple(metadata["input_size"]) if metadata.get("input_size") else None

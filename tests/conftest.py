@@ -30,9 +30,13 @@ def mlflow_server(tmp_path_factory) -> server.ServerInfo:
         server.stop(home)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def short_tmp() -> Path:
-    """A short temp dir under /tmp: Ray's unix socket paths must stay <= 107 bytes."""
+    """A short temp dir under /tmp: Ray's unix socket paths must stay <= 107 bytes.
+
+    Module-scoped so module-scoped fixtures (a whole pipeline run) can use it; tests in one
+    module share it, so give each its own subdirectory.
+    """
     path = Path(tempfile.mkdtemp(prefix="tm", dir="/tmp"))
     try:
         yield path

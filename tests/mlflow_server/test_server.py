@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import uuid
 
@@ -121,3 +123,15 @@ def test_ensure_tracking_uri_reuses_the_local_server(mlflow_server, monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv(server.HOME_ENV, str(mlflow_server.home))
     assert server.ensure_tracking_uri() == mlflow_server.url
+
+
+def test_start_will_not_start_a_second_server_beside_a_live_unanswering_one(tmp_path):
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        url = f"http://127.0.0.1:{server.free_port()}"
+        (tmp_path / "server.json").write_text(json.dumps({"url": url, "pid": hung.pid, "port": 1}))
+        with pytest.raises(RuntimeError, match="alive but .* did not answer"):
+            server.start(tmp_path, timeout=1.5)
+    finally:
+        hung.kill()
+        hung.wait()

@@ -130,6 +130,10 @@ def test_path_weights_missing_or_mismatched(tmp_path):
     torch.save({"conv1.weight": torch.zeros(3, 3), "something": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="does not match resnet18"):
         build_model(weights=str(bad))
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a loadable state dict"):
+        build_model(weights=str(junk))
 
 
 def test_model_pickles_and_loads_as_same_class():

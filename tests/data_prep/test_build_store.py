@@ -1,0 +1,206 @@
+"""End to end: synthetic DICOM cohort -> build_store CLI -> Zarr store -> open / verify.
+
+Uses data_prep/synth.py (small matrix) for the cohorts; problems (non-DICOM file, truncated
+slice, participant without a table row) are planted on top of its output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import zarr
+
+from data_prep import build_store
+from data_prep.store import (StoreError, StoreWriter, load_salt, open_store, pseudonym,
+                             verify_store)
+from data_prep.preprocess import Recipe
+
+SALT = "test-salt-0123456789abcdef"
+N_SUBJECTS = 12
+SIZE = "32x64"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    import data_prep.synth as synth
+    out = tmp_path_factory.mktemp("synth")
+    synth.generate_cohort(out, subjects=N_SUBJECTS, seed=0, matrix=(64, 128))
+    oai = out / "oai" / "dicom" / "00m"
+    folders = sorted(p for p in oai.iterdir() if p.is_dir())
+    # planted problems: a non-DICOM file (not fatal), a truncated thigh slice (participant
+    # skipped), a participant whose table rows are removed (skipped: no table row)
+    (folders[0] / "notes.txt").write_text("scanner log\n")
+    thigh = [p for p in folders[1].rglob("*") if p.is_file()
+             and pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription == "AX_T1_THIGH"]
+    data = thigh[0].read_bytes()
+    thigh[0].write_bytes(data[: len(data) - 2000])
+    dropped = folders[2].name
+    for rel in ("AllClinical_ASCII/AllClinical00.txt", "General_ASCII/Enrollees.txt"):
+        path = out / "oai" / "tables" / rel
+        lines = path.read_bytes().split(b"\r\n")
+        path.write_bytes(b"\r\n".join(l for l in lines if not l.startswith(dropped.encode())))
+    return out
+
+
+def run_build(cohort: Path, out: Path, name="oai", *extra: str) -> int:
+    return build_store.main([
+        "--dicom", str(cohort / name / "dicom"), "--tables", str(cohort / name / "tables"),
+        "--cohort", name, "--out", str(out), "--size", SIZE, "--n-slices", "15",
+        "--workers", "2", "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def built(cohort, tmp_path_factory) -> Path:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("THIGHMRI_SALT", SALT)
+    out = tmp_path_factory.mktemp("store") / "oai.zarr"
+    assert run_build(cohort, out) == 0
+    mp.undo()
+    return out
+
+
+def collect_phi(cohort: Path) -> set[str]:
+    """Every identifying header value of every DICOM file in the synthetic cohort."""
+    phi: set[str] = set()
+    for path in cohort.rglob("*"):
+        if not path.is_file() or path.suffix in (".txt", ".csv", ".json"):
+            continue
+        try:
+            with warnings.catch_warnings():  # keep the test's own reads out of captured output
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - planted junk
+            continue
+        for tag in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName",
+                    "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID",
+                    "SOPInstanceUID", "FrameOfReferenceUID"):
+            value = str(ds.get(tag, "") or "").strip()
+            if len(value) >= 5:  # shorter strings would match by chance in binary data
+                phi.add(value)
+                if tag == "PatientName":
+                    phi.update(part for part in value.split("^") if len(part) >= 5)
+    return phi
+
+
+def test_build_open_round_trip(built, cohort):
+    store = open_store(built)
+    s = store.subjects
+    oai = sorted(p.name for p in (cohort / "oai" / "dicom" / "00m").iterdir() if p.is_dir())
+    assert len(s) == len(oai) - 2  # truncated series + no table row skipped
+    assert store.images.shape == (15 * len(s), 32, 64) and store.images.dtype == np.uint16
+    assert store.images.chunks == (1, 32, 64)
+    assert s["slice_count"].eq(15).all() and (s["slice_start"] == np.arange(len(s)) * 15).all()
+    assert set(s["cohort"]) == {"oai"} and set(s["sex"]) <= {"male", "female"}
+    assert s["subject_id"].str.fullmatch(r"[0-9a-f]{16}").all()
+    assert s["subject_id"].tolist() == [pseudonym(SALT.encode(), "oai", k) for k in oai
+                                        if k in set(oai) - {oai[1], oai[2]}]
+    assert s["leg_strength"].notna().sum() > 0 and s["age"].notna().all()
+    assert store.recipe == Recipe(n_slices=15, size=(32, 64))
+    assert store.measures["gait_400m"]["direction"] == "lower"
+    assert store.measures["leg_strength"]["direction"] == "higher"
+    assert store.subject_images(1).shape == (15, 32, 64) and store.subject_images(1).max() > 0
+    reasons = {p["reason"]: p for p in store.attrs["ingest_problems"]}
+    assert reasons["no table row"]["source"] == pseudonym(SALT.encode(), "oai", oai[2])
+    assert reasons["unusable thigh series"]["skipped"] is True
+    assert reasons["file skipped: not a DICOM file"]["skipped"] is False
+    assert store.content_hash.startswith("sha256:")
+    assert verify_store(built) == []
+    assert build_store.main(["--verify", str(built)]) == 0
+
+
+def test_hash_stable_across_builds_and_tamper_detected(built, cohort, tmp_path, monkeypatch):
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    again = tmp_path / "again.zarr"
+    assert run_build(cohort, again, "oai", "--workers", "1") == 0
+    assert open_store(again).content_hash == open_store(built).content_hash
+    root = zarr.open_group(str(again), mode="r+")
+    root["images"][3, 0, 0] = int(root["images"][3, 0, 0]) ^ 1
+    assert any("content_hash mismatch" in p for p in verify_store(again))
+
+
+def test_append_somma(built, cohort, tmp_path, monkeypatch):
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    both = tmp_path / "both.zarr"
+    shutil.copytree(built, both)
+    n_oai = len(open_store(both).subjects)
+    assert run_build(cohort, both, "somma", "--append") == 0
+    store = open_store(both)
+    s = store.subjects
+    assert (s["cohort"] == "oai").sum() == n_oai and (s["cohort"] == "somma").sum() > 0
+    assert store.images.shape[0] == 15 * len(s)
+    assert set(store.attrs["cohorts"]) == {"oai", "somma"}
+    assert verify_store(both) == []
+    # a different recipe cannot be appended
+    assert run_build(cohort, both, "volunteers", "--append", "--size", "16x32") == 1
+
+
+def test_no_phi_anywhere_in_store(built, cohort):
+    phi = collect_phi(cohort)
+    assert len(phi) > 3 * N_SUBJECTS  # the cohort does carry PHI: the test can fail
+    blobs = [p.read_bytes() for p in built.rglob("*") if p.is_file()]
+    store = open_store(built)
+    decoded = [json.dumps(store.attrs), store.subjects.to_json(), store.normalisation.to_json()]
+    root = zarr.open_group(str(built), mode="r")
+    for name, arr in root.arrays():
+        decoded.append(np.asarray(arr[...]).tobytes().decode("latin-1"))
+    text = "\n".join(decoded)
+    for value in phi:
+        assert all(value.encode() not in b for b in blobs), "PHI found in a store file"
+        assert value not in text, "PHI found in decoded store content"
+
+
+def test_no_phi_in_build_output(cohort, tmp_path, monkeypatch, capfd):
+    phi = collect_phi(cohort / "oai")
+    capfd.readouterr()
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    # with the planted problems and progress bar: every reporting path runs
+    assert build_store.main([
+        "--dicom", str(cohort / "oai" / "dicom"), "--tables", str(cohort / "oai" / "tables"),
+        "--cohort", "oai", "--out", str(tmp_path / "o.zarr"), "--size", SIZE]) == 0
+    out = capfd.readouterr()
+    assert "participants ingested" in out.out and "no table row" in out.out
+    assert phi and not [v for v in phi if v in out.out + out.err]
+
+
+def test_missing_salt_is_a_clear_error(cohort, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("THIGHMRI_SALT", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        run_build(cohort, tmp_path / "x.zarr")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "THIGHMRI_SALT" in err and "--salt-file" in err and "secrets.token_hex" in err
+    assert not (tmp_path / "x.zarr").exists()  # nothing was written
+    salt_file = tmp_path / "salt.txt"
+    salt_file.write_text(SALT + "\n")
+    assert load_salt(salt_file) == SALT.encode()
+
+
+def test_arguments_validated_before_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    with pytest.raises(SystemExit):
+        build_store.main(["--dicom", str(tmp_path / "nope"), "--tables", str(tmp_path),
+                          "--cohort", "oia", "--out", str(tmp_path / "o.zarr"),
+                          "--size", "128by256"])
+    err = capsys.readouterr().err
+    assert "nope is not a directory" in err and "Unknown cohort 'oia'" in err
+    assert "ROWSxCOLS" in err  # every problem reported at once
+
+
+def test_incomplete_store_refused(tmp_path):
+    path = tmp_path / "partial.zarr"
+    writer = StoreWriter.create(path, Recipe(n_slices=2, size=(4, 8)))
+    writer.add_subject({"subject_id": "0" * 16, "cohort": "oai", "sex": "male"},
+                       np.ones((2, 4, 8), np.uint16), {"intensity_low": 0, "intensity_high": 1})
+    # the writer "crashed": finish() was never called
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(path)
+    assert open_store(path, require_complete=False).images.shape[0] == 2
+    assert any("incomplete" in p for p in verify_store(path))
+    with pytest.raises(StoreError, match="incomplete"):
+        StoreWriter.append(path, Recipe(n_slices=2, size=(4, 8)))

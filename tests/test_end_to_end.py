@@ -1,0 +1,129 @@
+"""The whole path on real components, small sizes: synthetic DICOM → Zarr → Ray Tune + Optuna →
+MLflow server → registry → volunteer prediction; and no planted PHI anywhere along it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+GRID = {
+    "question": "Does the tiny synthetic cohort run end to end?",
+    "name": "e2e",
+    "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
+    "search": {"lr": {"loguniform": [1.0e-3, 1.0e-2]}, "freeze": {"choice": ["fc", "none"]}},
+    "trials_per_cell": 2,
+    "optuna_startup_trials": 1,
+    "min_subjects_per_cell": 20,
+    "train": {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "weights": "none",
+              "slices_per_subject": 3},
+    "split": {"val": 0.2, "test": 0.25, "seed": 0},
+    "resources_per_trial": {"cpu": 1, "gpu": 0},
+}
+
+
+def _phi_strings(dicom_root: Path) -> set[str]:
+    """Identifying values actually planted in the synthetic headers (names, IDs, dates, UIDs)."""
+    found: set[str] = set()
+    for path in sorted(p for p in dicom_root.rglob("*") if p.is_file())[::7]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for key in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "AccessionNumber",
+                    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            value = str(ds.get(key, "")).strip()
+            if len(value) >= 6:
+                found.add(value)
+        name = str(ds.get("PatientName", ""))
+        found.update(part for part in name.split("^") if len(part) >= 5)
+    return found
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, mlflow_server, short_tmp):
+    from data_prep.build_store import main as build_main
+    from data_prep.synth import generate_cohort
+    from study.launch import main as launch_main
+
+    root = tmp_path_factory.mktemp("e2e")
+    cohort = root / "cohort"
+    generate_cohort(cohort, subjects=44, seed=3, matrix=(64, 128))
+    salt = root / "salt"
+    salt.write_text("e2e-test-salt-0123456789abcdef\n")
+    store = root / "store.zarr"
+    rc = build_main(["--dicom", str(cohort / "oai" / "dicom"), "--tables", str(cohort / "oai" / "tables"),
+                     "--cohort", "oai", "--out", str(store), "--size", "32x64", "--salt-file", str(salt)])
+    assert rc in (0, None)
+    grid_path = root / "e2e.yaml"
+    grid_path.write_text(yaml.safe_dump({**GRID, "store": str(store)}))
+    results = root / "cells.csv"
+    rc = launch_main(["--grid", str(grid_path), "--tracking-uri", mlflow_server.url, "--num-cpus", "2",
+                      "--storage-path", str(short_tmp / "ray"), "--results", str(results)])
+    assert rc == 0
+    return {"cohort": cohort, "store": store, "results": results, "url": mlflow_server.url, "root": root}
+
+
+def test_runs_are_nested_launch_cell_trial(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(pipeline["url"])
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    by_type = {t: [r for r in runs if r.data.tags.get("run_type") == t] for t in ("launch", "cell", "trial")}
+    assert len(by_type["launch"]) == 1 and len(by_type["cell"]) == 1 and len(by_type["trial"]) == 2
+    launch, cell = by_type["launch"][0], by_type["cell"][0]
+    assert cell.data.tags["mlflow.parentRunId"] == launch.info.run_id
+    assert all(t.data.tags["mlflow.parentRunId"] == cell.info.run_id for t in by_type["trial"])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert cell.data.params["measure"] == "leg_strength" and cell.data.params["cohort"] == "oai"
+    m = cell.data.metrics
+    for key in ("n_train", "n_val", "n_test", "best_val_acc", "test_acc", "test_baseline_acc",
+                "test_acc_ci_low", "test_acc_ci_high"):
+        assert key in m, key
+    assert m["test_acc_ci_low"] <= m["test_acc"] <= m["test_acc_ci_high"]
+    assert 0.5 <= m["test_baseline_acc"] <= 1.0
+    assert m["n_train"] + m["n_val"] + m["n_test"] == m["n"]
+    # every trial reported one validation accuracy per epoch
+    for t in by_type["trial"]:
+        assert len(client.get_metric_history(t.info.run_id, "val_acc")) == GRID["train"]["epochs"]
+    artifacts = {a.path for a in client.list_artifacts(launch.info.run_id)}
+    assert {"cells.csv", "accuracy_vs_baseline.png", "resolved_grid.json"} <= artifacts
+    table = pd.read_csv(pipeline["results"])
+    assert table.loc[0, "status"] == "ok" and table.loc[0, "test_acc"] == pytest.approx(m["test_acc"])
+
+
+def test_promote_registers_champion_and_predict_reads_volunteers(pipeline, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from study.predict import main as predict_main
+    from study.promote import main as promote_main
+
+    url = pipeline["url"]
+    assert promote_main(["--measure", "leg_strength", "--experiment", "e2e", "--tracking-uri", url]) == 0
+    client = MlflowClient(url)
+    version = client.get_model_version_by_alias("thigh-leg_strength", "champion")
+    assert version.tags["selected_by"] == "best_val_acc"
+    vol = pipeline["cohort"] / "volunteers"
+    out = pipeline["root"] / "pred.csv"
+    rc = predict_main(["--dicom", str(vol / "dicom"), "--labels", str(vol / "tables" / "volunteers.csv"),
+                       "--out", str(out), "--tracking-uri", url])
+    assert rc == 0
+    pred = pd.read_csv(out)
+    assert len(pred) == 8 and pred["p_high"].between(0, 1).all()
+    assert set(pred["predicted"]) <= {"high", "low"} and pred["exercise"].notna().all()
+    assert "agreement with self-reported exercise" in capsys.readouterr().out
+
+
+def test_no_planted_phi_reaches_store_or_mlflow(pipeline, mlflow_server):
+    phi = _phi_strings(pipeline["cohort"])
+    assert len(phi) > 20  # the generator really planted identifying values
+    haystacks = [p for p in Path(pipeline["store"]).rglob("*") if p.is_file()]
+    haystacks += [p for p in Path(mlflow_server.home).rglob("*") if p.is_file() and p.suffix != ".log"]
+    assert haystacks
+    for path in haystacks:
+        data = path.read_bytes()
+        for value in phi:
+            assert value.encode() not in data, f"PHI {value!r} found in {path}"
