@@ -98,6 +98,14 @@ def pixel_spacing(matrix: tuple[int, int]) -> tuple[float, float]:
     return (round(FOV_MM[0] / rows, 4), round(FOV_MM[1] / cols, 4))
 
 
+def check_matrix(matrix: tuple[int, int]) -> None:
+    """Raise ValueError unless (rows, cols) can hold two thighs: rows >= 32, even cols >= 64."""
+    rows, cols = matrix
+    if cols % 2 or rows < 32 or cols < 64:
+        raise ValueError(f"Invalid matrix {rows}x{cols}: need rows >= 32 and even cols >= 64 "
+                         "(one thigh per half), e.g. 256x512.")
+
+
 def slice_area_scale(taper: float, n_slices: int = N_SLICES) -> np.ndarray:
     """Area factor per slice (distal -> proximal): linear ramp, mean exactly 1."""
     half = (n_slices - 1) / 2.0
@@ -140,7 +148,8 @@ def _render_thigh(anat: ThighAnatomy, side: int, shape: tuple[int, int],
 
     def radii(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         r_m = _harmonics(theta, a, phase_a, first=2)
-        r_m *= np.float32(np.sqrt(comp_mm2 / (np.pi * (1 + 0.5 * np.sum(a**2)))))  # area = pi R^2 (1 + sum a^2 / 2)
+        # the area of r(theta) = R (1 + sum a_k cos(k theta + p_k)) is pi R^2 (1 + sum a_k^2 / 2)
+        r_m *= np.float32(np.sqrt(comp_mm2 / (np.pi * (1 + 0.5 * np.sum(a**2)))))
         g = _harmonics(theta, b, phase_b, first=1)  # fat thicker laterally (theta = pi)
         return r_m, np.sqrt(r_m**2 + np.float32(fat_mm2 / np.pi) * g)  # ring area = fat_mm2
 
@@ -237,11 +246,12 @@ def render_axial_stack(anat: ThighAnatomy, *, matrix: tuple[int, int] = (256, 51
         n_slices: slices in the stack.
         snr: fat signal / noise sigma; drawn from U(20, 30) when None.
     """
+    check_matrix(matrix)
     rows, cols = matrix
-    if cols % 2 or rows < 32 or cols < 64:
-        raise ValueError(f"Invalid matrix {rows}x{cols}: need rows >= 32, cols >= 64 and even.")
-    if anat.total_area_cm2 * (1 + abs(anat.asymmetry)) * (1 + anat.taper) > MAX_THIGH_AREA_CM2 * 1.1:
-        raise ValueError(f"Thigh area {anat.total_area_cm2:.0f} cm2 does not fit the field of view.")
+    largest = anat.total_area_cm2 * (1 + abs(anat.asymmetry)) * (1 + anat.taper)
+    if largest > MAX_THIGH_AREA_CM2 * 1.1:
+        raise ValueError(f"Thigh area up to {largest:.0f} cm2 does not fit the 250 x 250 mm half "
+                         f"of the field of view; at most {MAX_THIGH_AREA_CM2:.0f} cm2.")
     spacing = pixel_spacing(matrix)
     scale = slice_area_scale(anat.taper, n_slices)
     half = (rows, cols // 2)

@@ -6,7 +6,8 @@
 Writes the layout of ARCHITECTURE.md "Synthetic cohort layout": OAI gets N imaged participants
 (+ TABLE_ONLY_OAI table-only rows), SOMMA (N+1)//2, volunteers 8. Same seed -> byte-identical
 files. truth.csv holds the generator's ground truth (tests only); manifest.json the settings and
-the planted and realised correlations.
+the planted and realised correlations. Images come from data_prep/phantom.py, DICOM headers and
+files from data_prep/synth_dicom.py; this module holds the subject model, tables and CLI.
 
 Subject model (per cohort; areas are per thigh, averaged over both thighs and the 15 slices):
     sex        female with probability 0.58 (OAI), 0.59 (SOMMA), 0.5 (volunteers)
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.phantom import MAX_THIGH_AREA_CM2, N_SLICES, pixel_spacing
+from data_prep.phantom import MAX_THIGH_AREA_CM2, N_SLICES, check_matrix, pixel_spacing
 # PHI_NAMES, anatomy_from_row and participant_rng are re-exported for tests and callers
 from data_prep.synth_dicom import (COHORT_CODE, LOCALIZER, PHI_NAMES, SERIES,  # noqa: F401
                                    SLICE_MM, anatomy_from_row, derive_rng, participant_rng,
@@ -61,6 +62,7 @@ PLANTED = {  # measure -> (image feature, correlation within the cohort)
     "gait_400m": ("imat_fraction", 0.25),
     "chair_stand": ("muscle_area_cm2", -0.20),
 }
+FEATURES = ("muscle_area_cm2", "imat_area_cm2", "imat_fraction", "fat_area_cm2", "bmi")
 HIGHER_IS_BETTER = {"leg_strength": 1, "gait_speed_short": 1, "gait_400m": -1, "chair_stand": -1}
 MARGINALS = {  # cohort -> measure -> (mean, sd, min, max); strength ~9 N/cm2 of muscle
     "oai": {"leg_strength": (1000.0, 330.0, 150.0, 2500.0),  # knee extension, N
@@ -102,10 +104,17 @@ def sample_subjects(n: int, *, seed: int, cohort: str, null: bool = False,
     """
     if cohort not in COHORTS:
         raise ValueError(f"Invalid cohort {cohort!r}. Only {', '.join(COHORTS)} are supported.")
+    if n < 1:
+        raise ValueError(f"Invalid n {n}: need at least 1 participant.")
     planted = {**PLANTED, "leg_strength": ("muscle_area_cm2", r_strength), **(correlations or {})}
-    for measure, (_, r) in planted.items():
-        if not -1.0 <= r <= 1.0:
-            raise ValueError(f"Invalid correlation {r} for {measure}: must lie in [-1, 1].")
+    problems = [f"unknown measure {m!r} (allowed: {', '.join(PLANTED)})"
+                for m in planted if m not in PLANTED]
+    problems += [f"unknown feature {f!r} for {m} (allowed: {', '.join(FEATURES)})"
+                 for m, (f, _) in planted.items() if f not in FEATURES]
+    problems += [f"Invalid correlation {r} for {m}: must lie in [-1, 1]"
+                 for m, (_, r) in planted.items() if not -1.0 <= r <= 1.0]
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
     rng = derive_rng(seed, COHORT_CODE[cohort])
     female = rng.random(n) < {"oai": 0.58, "somma": 0.59, "volunteers": 0.5}[cohort]
     if cohort == "oai":
@@ -245,7 +254,8 @@ def write_tables(subjects: dict[str, pd.DataFrame], out: Path, *, seed: int) -> 
     table = pd.DataFrame({
         "SOMMA_ID": somma["id"], "GENDER": np.where(somma["sex"] == "male", "M", "F"),
         "AGE_YRS": somma["age"].astype(int), "BMI_KGM2": somma["bmi"],
-        "LEGPOWER_W": somma["leg_strength"].round(1), "GAIT4M_MS": somma["gait_speed_short"].round(3),
+        "LEGPOWER_W": somma["leg_strength"].round(1),
+        "GAIT4M_MS": somma["gait_speed_short"].round(3),
         "WALK400_SEC": somma["gait_400m"].round(1),
         "WALK400_DONE": (somma["walk400_code"] != 0).astype(int),
         "CHAIR5_SEC": somma["chair_stand"].round(2)}, index=somma.index).astype(object)
@@ -297,9 +307,11 @@ def generate_cohort(out: Path, *, subjects: int, seed: int, null: bool = False,
     out = Path(out)
     if subjects < 1:
         raise ValueError(f"Invalid subjects {subjects}: need at least 1.")
+    check_matrix(matrix)
     existing = [p for p in (*COHORTS, "truth.csv", "manifest.json") if (out / p).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass overwrite=True.")
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite "
+                              "(overwrite=True) to replace it.")
     for p in existing:
         shutil.rmtree(out / p) if (out / p).is_dir() else (out / p).unlink()
     counts = {"oai": subjects, "somma": (subjects + 1) // 2, "volunteers": N_VOLUNTEERS}
@@ -333,7 +345,8 @@ def generate_cohort(out: Path, *, subjects: int, seed: int, null: bool = False,
         "series": {c: {"study_description": s["study"], "t1_series_description": s["t1"],
                        "localizer_series_description": LOCALIZER} for c, s in SERIES.items()},
         "correlations": {
-            "planted": {m: {"feature": f, "r": 0.0 if null else r} for m, (f, r) in planted.items()},
+            "planted": {m: {"feature": f, "r": 0.0 if null else r}
+                        for m, (f, r) in planted.items()},
             "shared_fitness_variance": SHARED_FITNESS,
             "realised": {c: realised_correlations(f, planted) for c, f in frames.items()
                          if c != "volunteers"}},
@@ -369,7 +382,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -387,7 +400,6 @@ def main(argv: list[str] | None = None) -> dict:
           f"(seed {args.seed}, {'NULL measures' if args.null else 'planted correlations'}, "
           f"matrix {args.matrix[0]}x{args.matrix[1]}); OAI realised r: "
           + ", ".join(f"{m} {r}" for m, r in realised.items()))
-    return manifest
 
 
 if __name__ == "__main__":

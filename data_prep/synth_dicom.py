@@ -63,7 +63,11 @@ def _pid_number(pid: str) -> int:
 
 def participant_rng(seed: int, cohort: str, pid: str, purpose: str) -> np.random.Generator:
     """Random stream of one participant: purpose 'image' (phantom) or 'header' (PHI, UIDs)."""
-    return derive_rng(seed, COHORT_CODE[cohort], _pid_number(pid), {"image": 1, "header": 2}[purpose])
+    purposes = {"image": 1, "header": 2}
+    if cohort not in COHORT_CODE or purpose not in purposes:
+        raise ValueError(f"Invalid cohort {cohort!r} or purpose {purpose!r}: cohorts "
+                         f"{', '.join(COHORT_CODE)}; purposes {', '.join(purposes)}.")
+    return derive_rng(seed, COHORT_CODE[cohort], _pid_number(pid), purposes[purpose])
 
 
 def anatomy_from_row(row: pd.Series | dict) -> ThighAnatomy:
@@ -133,7 +137,8 @@ def _write_series(folder: Path, pixels: np.ndarray, common: dict, series: dict,
         ds.InstanceNumber, ds.AcquisitionNumber = int(instances[k]), 1
         ds.ImagePositionPatient = [f"{v:.4f}" for v in positions[k]]
         ds.ImageOrientationPatient = orientation
-        ds.SliceLocation = f"{positions[k][2]:.4f}" if orientation[5] == 0 else f"{positions[k][1]:.4f}"
+        axial = orientation[5] == 0  # coronal localizers are located along y
+        ds.SliceLocation = f"{positions[k][2 if axial else 1]:.4f}"
         ds.Rows, ds.Columns = pixels.shape[1:]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -160,7 +165,9 @@ def write_participant(row: pd.Series, cohort_dir: Path, *, seed: int,
     z = float(rng.uniform(-180, -120)) + SLICE_MM * (np.arange(N_SLICES) - N_SLICES // 2)
     y0 = -rows * dr / 2 + float(rng.uniform(-10, 10))
     positions = np.stack([np.full(N_SLICES, -cols * dc / 2), np.full(N_SLICES, y0), z], axis=1)
-    instances = (N_SLICES - np.arange(N_SLICES)) if row["z_descending"] else np.arange(1, N_SLICES + 1)
+    instances = np.arange(1, N_SLICES + 1)  # slices are rendered distal -> proximal, z upwards
+    if row["z_descending"]:
+        instances = instances[::-1]
     stored, rescale = stack.image, {}
     if not np.isnan(row["rescale_slope"]):
         slope, intercept = float(row["rescale_slope"]), float(row["rescale_intercept"])

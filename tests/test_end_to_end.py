@@ -27,10 +27,12 @@ GRID = {
 }
 
 
-def _phi_strings(dicom_root: Path) -> set[str]:
+def _phi_strings(cohort_root: Path) -> set[str]:
     """Identifying values actually planted in the synthetic headers (names, IDs, dates, UIDs)."""
     found: set[str] = set()
-    for path in sorted(p for p in dicom_root.rglob("*") if p.is_file())[::7]:
+    files = sorted(p for sub in ("oai", "somma", "volunteers") for p in (cohort_root / sub / "dicom").rglob("*")
+                   if p.is_file())
+    for path in files[::7]:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         for key in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "AccessionNumber",
                     "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):

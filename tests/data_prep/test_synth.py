@@ -302,13 +302,21 @@ def test_volunteer_exercisers_have_more_muscle():
     assert np.nanmean(diffs) > 0.5
 
 
-def test_invalid_arguments_are_reported():
+def test_invalid_arguments_are_reported(tmp_path):
     with pytest.raises(ValueError, match="Invalid cohort 'ukb'"):
         sample_subjects(10, seed=0, cohort="ukb")
     with pytest.raises(ValueError, match="Invalid correlation 1.5"):
         sample_subjects(10, seed=0, cohort="oai", r_strength=1.5)
+    with pytest.raises(ValueError, match="unknown feature 'thigh_volume'"):
+        sample_subjects(10, seed=0, cohort="oai", correlations={"chair_stand": ("thigh_volume", .2)})
+    with pytest.raises(ValueError, match="does not fit"):
+        render_axial_stack(ThighAnatomy(muscle_area_cm2=200, imat_fraction=0.1, fat_area_cm2=300),
+                           matrix=(64, 128), rng=np.random.default_rng(0))
     with pytest.raises(SystemExit):
         main(["--out", "x", "--matrix", "256by512"])
+    with pytest.raises(SystemExit, match="Invalid matrix 64x127"):
+        main(["--out", str(tmp_path), "--matrix", "64x127"])
+    assert not any(tmp_path.iterdir())  # checked before anything was written
 
 
 # --- CLI ----------------------------------------------------------------------------------
