@@ -25,6 +25,7 @@ SEXES = ("all", "male", "female")
 BMI_STRATA = ("all", "<25", "25-30", ">=30")
 GRID_AXES = {"cohort": None, "measure": MEASURES, "sex": SEXES, "bmi": BMI_STRATA}
 THRESHOLDS = ("cohort", "stratum")  # cohort: median of the whole cohort (the seed's rule)
+THRESHOLD_FITS = ("train", "all")  # train: median over training subjects only; all: every subject (the seed)
 FREEZE_MODES = ("fc", "layer4", "layer3", "none")
 OPTIMIZERS = ("sgd", "adamw")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
@@ -49,6 +50,7 @@ class TrainConfig:
     slices_per_subject: int | None = None  # central k slices per subject; None = all
     seed: int = 0
     num_workers: int = 0  # DataLoader workers inside a trial; data is preloaded, 0 is fastest here
+    feature_cache: bool = True  # frozen-backbone features computed once per node and reused (study/features.py)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class GridConfig:
     grid: dict[str, tuple[str, ...]]
     search: tuple[SearchParam, ...]
     threshold: str = "cohort"
+    threshold_fit: str = "train"  # held-out subjects' measures never set the threshold
     trials_per_cell: int = 8
     max_concurrent_per_cell: int | None = None  # None: share the cluster's CPUs evenly among cells
     scheduler: str = "none"
@@ -287,6 +290,9 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     threshold = raw.get("threshold", "cohort")
     if threshold not in THRESHOLDS:
         errors.append(f"threshold: unknown value {threshold!r}; allowed: {', '.join(THRESHOLDS)}")
+    threshold_fit = raw.get("threshold_fit", "train")
+    if threshold_fit not in THRESHOLD_FITS:
+        errors.append(f"threshold_fit: unknown value {threshold_fit!r}; allowed: {', '.join(THRESHOLD_FITS)}")
     scheduler = raw.get("scheduler", "none")
     if scheduler not in SCHEDULERS:
         errors.append(f"scheduler: unknown value {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
@@ -308,7 +314,7 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
 
     return GridConfig(  # paths (store, weights) are relative to the working directory, like CLI paths
         question=raw["question"].strip(), name=name, store=raw["store"], grid=grid, search=search,
-        threshold=threshold, trials_per_cell=raw.get("trials_per_cell", 8),
+        threshold=threshold, threshold_fit=threshold_fit, trials_per_cell=raw.get("trials_per_cell", 8),
         max_concurrent_per_cell=mc, scheduler=scheduler,
         optuna_startup_trials=raw.get("optuna_startup_trials", 3),
         min_subjects_per_cell=raw.get("min_subjects_per_cell", 20),

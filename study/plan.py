@@ -56,20 +56,28 @@ def plan_cell(grid: GridConfig, subjects: pd.DataFrame, cell: Cell, direction: s
                         f"(min_subjects_per_cell is {grid.min_subjects_per_cell})")
     if grid.threshold == "cohort":
         # the seed's rule: the median of the whole cohort, also for sex/BMI strata
-        ref = stratum_rows(subjects, cohort=cell.cohort, measure=cell.measure)
-        rule = f"median of {cell.measure} over all {len(ref)} {cell.cohort} subjects"
+        ref, population = stratum_rows(subjects, cohort=cell.cohort, measure=cell.measure), f"all {cell.cohort} subjects"
     else:
-        ref = rows
-        rule = f"median of {cell.measure} over the {len(ref)} subjects of this stratum"
-    threshold = function_threshold(subjects, measure=cell.measure, rows=ref)
-    labels_all = high_function_labels(subjects[cell.measure].to_numpy(dtype=float)[rows],
-                                      direction=direction, threshold=threshold)
+        ref, population = rows, "the subjects of this stratum"
+    values = subjects[cell.measure].to_numpy(dtype=float)
+    # a provisional (whole-population) median only stratifies the split by label
+    provisional = function_threshold(subjects, measure=cell.measure, rows=ref)
+    labels_all = high_function_labels(values[rows], direction=direction, threshold=provisional)
     strata = None
     if grid.split.stratify_sex and cell.sex == "all" and "sex" in subjects:
         strata = subjects["sex"].astype(str).to_numpy()[rows]
     split = split_subjects(rows, labels_all, val=grid.split.val, test=grid.split.test,
                            seed=grid.split.seed, strata=strata)
     check_disjoint(split, subjects["subject_id"].to_numpy())
+    threshold = provisional
+    if grid.threshold_fit == "train":
+        # held-out subjects' measures must not move the threshold they are labelled by
+        held_out = np.concatenate([split["val"], split["test"]])
+        ref = np.setdiff1d(ref, held_out)
+        population = f"training subjects among {population}"
+        threshold = function_threshold(subjects, measure=cell.measure, rows=ref)
+        labels_all = high_function_labels(values[rows], direction=direction, threshold=threshold)
+    rule = f"median of {cell.measure} over {len(ref)} {population}"
     row_to_label = dict(zip(rows.tolist(), labels_all.tolist()))
     labels = {part: np.array([row_to_label[r] for r in split[part]], dtype=np.int64) for part in split}
     for part in ("train", "val", "test"):
