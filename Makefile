@@ -32,7 +32,7 @@ demo-store: demo-data
 	$(PY) data_prep/build_store.py --dicom $(DEMO)/cohort/oai/dicom --tables $(DEMO)/cohort/oai/tables \
 	    --cohort oai --out $(DEMO)/store.zarr --size 128x256 --salt-file $(DEMO)/pseudonym_salt
 	$(PY) data_prep/build_store.py --dicom $(DEMO)/cohort/somma/dicom --tables $(DEMO)/cohort/somma/tables \
-	    --cohort somma --out $(DEMO)/store.zarr --size 128x256 --salt-file $(DEMO)/pseudonym_salt
+	    --cohort somma --out $(DEMO)/store.zarr --size 128x256 --salt-file $(DEMO)/pseudonym_salt --append
 
 demo-study: venv
 	$(PY) study/launch.py --grid ablations/demo.yaml --results runs/demo_cells.csv

@@ -1,23 +1,34 @@
 """Cohort specs: map a cohort's own tables and DICOM conventions to canonical measures.
 
-A spec is a YAML file (data_prep/cohorts/oai.yaml, somma.yaml, volunteers.yaml); write your
-own for a new cohort or a different release and pass its path to build_store.py.
+A spec is a YAML file (data_prep/cohorts/oai.yaml, oai_nda.yaml, somma.yaml, volunteers.yaml);
+write your own for a new cohort or release and pass its path to build_store.py. The keys, the
+missing-code rules and how to map a real release are in data_prep/README.md.
 
-    from data_prep.cohorts import load_spec, load_cohort_table
-    spec = load_spec("oai")
+    from data_prep.cohorts import load_spec, select_visit, apply_column_overrides
+    spec = select_visit(load_spec("oai"), "24m")                 # folder 24m, prefix V03
+    spec = apply_column_overrides(spec, ["leg_strength={V}REMAXF,{V}LEMAXF"])
     table, report = load_cohort_table(spec, "synth/oai/tables")
+    folders = participant_folders("synth/oai/dicom", spec)        # one per participant
 
 Spec keys (unknown keys are an error):
     name: cohort name stored with each subject (and mixed into the pseudonym)
     key: key column (same values as the DICOM PatientID)
-    tables: list of {file, delimiter, encoding, skip_rows}; joined on the key (outer join)
+    tables: list of {file, delimiter, encoding, skip_rows, description_row, visit_column};
+        joined on the key (outer join; a column in several tables comes from the first
+        table with a row for the participant)
+    visit / visits: the chosen visit and, per visit, {folder, rows, V}: the DICOM folder, the
+        value(s) of each table's visit_column to keep, the prefix substituted for {V}
     missing_values: extra cell values meaning missing (beyond blanks and ".x: ..." codes)
-    fields: canonical field -> {column | columns, map, combine, only_if, unit} or null
-    dicom: {visit_folder, series_description: [regex, ...]}
+    fields: canonical field -> {column | columns, map, combine, only_if, divide_by, unit,
+        uncertain, notes} or null
+    dicom: {visit_folder, series_description: [regex, ...], participant_depth}
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
 import math
 import re
 from collections import Counter
@@ -28,6 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+
+log = logging.getLogger(__name__)
 
 SPEC_DIR = Path(__file__).resolve().parent / "cohorts"
 
@@ -42,11 +55,19 @@ MEASURES: dict[str, dict[str, str]] = {
 CANONICAL_FIELDS = ("sex", "age", "bmi", *MEASURES, "exercise")
 CATEGORICAL_FIELDS = {"sex": ("male", "female"), "exercise": (0.0, 1.0)}
 
-SPEC_KEYS = ("name", "key", "tables", "missing_values", "fields", "dicom", "notes")
-TABLE_KEYS = ("file", "delimiter", "encoding", "skip_rows")
-FIELD_KEYS = ("column", "columns", "map", "combine", "only_if", "unit", "notes")
+SPEC_KEYS = ("name", "key", "tables", "visit", "visits", "missing_values", "fields", "dicom",
+             "notes")
+TABLE_KEYS = ("file", "delimiter", "encoding", "skip_rows", "description_row", "visit_column")
+VISIT_KEYS = ("folder", "rows", "V")
+FIELD_KEYS = ("column", "columns", "map", "combine", "only_if", "divide_by", "unit",
+              "uncertain", "notes")
 ONLY_IF_KEYS = ("column", "codes")
-DICOM_KEYS = ("visit_folder", "series_description")
+DICOM_KEYS = ("visit_folder", "series_description", "participant_depth")
+# Placeholders allowed in column names: {V} = the visit's prefix, {visit} = the visit's name.
+TEMPLATE_VARS = ("V", "visit")
+_PLACEHOLDER = re.compile(r"{([^{}]*)}")
+# Marks a cell of a joined table whose key has no row in that table (counted as "no_row").
+_NO_ROW = "\x00no_row"
 COMBINE_RULES = ("mean_available", "max_available")
 
 # "1: Male" -> code "1"; ".A: Not Expected" -> missing code ".A"
@@ -66,6 +87,9 @@ class CohortSpec:
     dicom: dict[str, Any]
     missing_values: list[str] = field(default_factory=list)
     source: str = ""
+    visit: str | None = None  # chosen key of `visits` (None when the spec has no visits)
+    visits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # "field=COLUMN" applied, in order
 
     @property
     def description_patterns(self) -> list[str]:
@@ -73,12 +97,94 @@ class CohortSpec:
 
     @property
     def visit_folder(self) -> str | None:
+        """DICOM subfolder of the chosen visit (e.g. `00m`), or None: participants at the root."""
+        if self.visits:
+            return self.visits[self.visit].get("folder")
         return self.dicom.get("visit_folder")
+
+    @property
+    def template_values(self) -> dict[str, str]:
+        if not self.visits:
+            return {}
+        v = self.visits[self.visit]
+        return {"visit": str(self.visit), **({"V": str(v["V"])} if "V" in v else {})}
+
+    def column(self, name: str) -> str:
+        """A column name with `{V}` / `{visit}` filled in for the chosen visit."""
+        values = self.template_values
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], name)
+
+    def resolved_fields(self) -> dict[str, dict[str, Any] | None]:
+        """`fields` with every column name templated for the chosen visit."""
+        out: dict[str, dict[str, Any] | None] = {}
+        for name, f in self.fields.items():
+            if f is None:
+                out[name] = None
+                continue
+            f = copy.deepcopy(f)
+            if "column" in f:
+                f["column"] = self.column(f["column"])
+            if "columns" in f:
+                f["columns"] = [self.column(c) for c in f["columns"]]
+            if "only_if" in f:
+                f["only_if"]["column"] = self.column(f["only_if"]["column"])
+            out[name] = f
+        return out
+
+    def visit_rows(self) -> list[str] | None:
+        """Values of a table's visit_column that belong to the chosen visit."""
+        if not self.visits or "rows" not in self.visits[self.visit]:
+            return None
+        rows = self.visits[self.visit]["rows"]
+        return [str(r) for r in (rows if isinstance(rows, list) else [rows])]
 
 
 def _unknown(d: dict, allowed: tuple[str, ...], where: str) -> list[str]:
     bad = sorted(set(d) - set(allowed))
     return [f"{where}: unknown key(s) {bad}; allowed keys: {list(allowed)}"] if bad else []
+
+
+def _field_columns(f: dict[str, Any]) -> list[str]:
+    cols = [f["column"]] if "column" in f else list(f.get("columns") or [])
+    if isinstance(f.get("only_if"), dict) and "column" in f["only_if"]:
+        cols.append(f["only_if"]["column"])
+    return cols
+
+
+def _check_field(name: str, f: Any, where: str) -> list[str]:
+    if f is None:
+        return []
+    if not isinstance(f, dict):
+        return [f"{where}: must be a mapping or null"]
+    problems = _unknown(f, FIELD_KEYS, where)
+    if ("column" in f) == ("columns" in f):
+        problems.append(f"{where}: give exactly one of 'column' or 'columns'")
+    if "columns" in f and f.get("combine") not in COMBINE_RULES:
+        problems.append(f"{where}: 'columns' needs combine: one of {list(COMBINE_RULES)}")
+    if name in CATEGORICAL_FIELDS:
+        if not isinstance(f.get("map"), dict):
+            problems.append(f"{where}: needs a 'map' from cell code to one of "
+                            f"{list(CATEGORICAL_FIELDS[name])}")
+        else:
+            bad = [v for v in f["map"].values() if v not in CATEGORICAL_FIELDS[name]]
+            if bad:
+                problems.append(f"{where}: map values {bad} not in "
+                                f"{list(CATEGORICAL_FIELDS[name])}")
+    if "only_if" in f:
+        oi = f["only_if"]
+        if not isinstance(oi, dict) or "column" not in oi or "codes" not in oi:
+            problems.append(f"{where}: only_if needs 'column' and 'codes'")
+        else:
+            problems += _unknown(oi, ONLY_IF_KEYS, f"{where}.only_if")
+    if "divide_by" in f and (not isinstance(f["divide_by"], (int, float))
+                             or isinstance(f["divide_by"], bool) or f["divide_by"] == 0):
+        problems.append(f"{where}: divide_by must be a non-zero number, got {f['divide_by']!r}")
+    for col in _field_columns(f):
+        for ph in _PLACEHOLDER.findall(str(col)):
+            if ph not in TEMPLATE_VARS:
+                problems.append(f"{where}: placeholder {{{ph}}} in column {col!r}; allowed "
+                                f"placeholders: {['{' + v + '}' for v in TEMPLATE_VARS]}")
+    return problems
 
 
 def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> CohortSpec:
@@ -98,32 +204,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> CohortSpec:
     fields = raw.get("fields") or {}
     problems += _unknown(fields, CANONICAL_FIELDS, f"{source}: fields")
     for name, f in fields.items():
-        if f is None:
-            continue
-        where = f"{source}: fields.{name}"
-        if not isinstance(f, dict):
-            problems.append(f"{where}: must be a mapping or null")
-            continue
-        problems += _unknown(f, FIELD_KEYS, where)
-        if ("column" in f) == ("columns" in f):
-            problems.append(f"{where}: give exactly one of 'column' or 'columns'")
-        if "columns" in f and f.get("combine") not in COMBINE_RULES:
-            problems.append(f"{where}: 'columns' needs combine: one of {list(COMBINE_RULES)}")
-        if name in CATEGORICAL_FIELDS:
-            if not isinstance(f.get("map"), dict):
-                problems.append(f"{where}: needs a 'map' from cell code to one of "
-                                f"{list(CATEGORICAL_FIELDS[name])}")
-            else:
-                bad = [v for v in f["map"].values() if v not in CATEGORICAL_FIELDS[name]]
-                if bad:
-                    problems.append(f"{where}: map values {bad} not in "
-                                    f"{list(CATEGORICAL_FIELDS[name])}")
-        if "only_if" in f:
-            oi = f["only_if"]
-            if not isinstance(oi, dict) or "column" not in oi or "codes" not in oi:
-                problems.append(f"{where}: only_if needs 'column' and 'codes'")
-            else:
-                problems += _unknown(oi, ONLY_IF_KEYS, f"{where}.only_if")
+        problems += _check_field(name, f, f"{source}: fields.{name}")
     dicom = raw.get("dicom") or {}
     problems += _unknown(dicom, DICOM_KEYS, f"{source}: dicom")
     patterns = dicom.get("series_description")
@@ -135,12 +216,47 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> CohortSpec:
                 re.compile(p)
             except re.error as exc:
                 problems.append(f"{source}: bad regex {p!r} in dicom.series_description: {exc}")
+    depth = dicom.get("participant_depth", 1)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        problems.append(f"{source}: dicom.participant_depth must be an integer >= 1, got {depth!r}")
+    visits = raw.get("visits") or {}
+    visit = raw.get("visit")
+    if not isinstance(visits, dict):
+        problems.append(f"{source}: visits must map a visit name to {{folder, rows, V}}")
+        visits = {}
+    visits = {str(k): v for k, v in visits.items()}
+    for name, v in visits.items():
+        if not isinstance(v, dict):
+            problems.append(f"{source}: visits.{name} must be a mapping with keys "
+                            f"{list(VISIT_KEYS)}")
+        else:
+            problems += _unknown(v, VISIT_KEYS, f"{source}: visits.{name}")
+    if visits:
+        if visit is None or str(visit) not in visits:
+            problems.append(f"{source}: visit {visit!r} is not one of the visits "
+                            f"{sorted(visits)}")
+        if "visit_folder" in dicom:
+            problems.append(f"{source}: with 'visits', give each visit's folder there, not "
+                            "dicom.visit_folder")
+    elif visit is not None:
+        problems.append(f"{source}: visit {visit!r} given but the spec has no 'visits'")
+    every_visit_has = lambda k: bool(visits) and all(  # noqa: E731
+        isinstance(v, dict) and k in v for v in visits.values())
+    if any("{V}" in str(c) for f in fields.values() if isinstance(f, dict)
+           for c in _field_columns(f)) and not every_visit_has("V"):
+        problems.append(f"{source}: column names use {{V}} but not every visit in 'visits' "
+                        "defines V (the variable prefix)")
+    for i, t in enumerate(tables):
+        if isinstance(t, dict) and t.get("visit_column") and not every_visit_has("rows"):
+            problems.append(f"{source}: tables[{i}] has visit_column but not every visit in "
+                            "'visits' defines rows (the values of that column to keep)")
     if problems:
         raise CohortSpecError("Invalid cohort spec:\n  " + "\n  ".join(problems))
     return CohortSpec(
         name=str(raw["name"]), key=str(raw["key"]), tables=list(tables),
         fields={k: fields.get(k) for k in CANONICAL_FIELDS}, dicom=dict(dicom),
         missing_values=[str(v) for v in raw.get("missing_values") or []], source=source,
+        visit=None if visit is None else str(visit), visits=visits,
     )
 
 
@@ -149,7 +265,7 @@ def builtin_specs() -> list[str]:
 
 
 def load_spec(name_or_path: str | Path) -> CohortSpec:
-    """A built-in spec by name (`oai`, `somma`, `volunteers`) or a YAML file path."""
+    """A built-in spec by name (`oai`, `oai_nda`, `somma`, `volunteers`) or a YAML file path."""
     path = Path(name_or_path)
     if not path.suffix and (SPEC_DIR / f"{name_or_path}.yaml").is_file():
         path = SPEC_DIR / f"{name_or_path}.yaml"
@@ -161,10 +277,110 @@ def load_spec(name_or_path: str | Path) -> CohortSpec:
     return parse_spec(raw, source=path.name)
 
 
+def select_visit(spec: CohortSpec, visit: str | None) -> CohortSpec:
+    """A copy of `spec` for another visit (None keeps the spec's own choice).
+
+    The visit picks the DICOM folder, the rows of tables with a visit_column and the prefix
+    filled into `{V}` in column names, all at once, so images and measures cannot disagree.
+    """
+    if visit is None:
+        return spec
+    if not spec.visits:
+        raise CohortSpecError(f"cohort {spec.name}: --visit {visit!r} given but the spec "
+                              f"{spec.source} defines no visits")
+    if str(visit) not in spec.visits:
+        raise CohortSpecError(f"cohort {spec.name}: unknown visit {visit!r}; allowed visits: "
+                              f"{sorted(spec.visits)}")
+    return dataclasses.replace(copy.deepcopy(spec), visit=str(visit))
+
+
+def apply_column_overrides(spec: CohortSpec, overrides: list[str]) -> CohortSpec:
+    """A copy of `spec` with column names replaced, e.g. from `--column` on the command line.
+
+    Each override is `FIELD=COLUMN`: FIELD is a canonical field (`leg_strength`, `age`, ...),
+    `key`, or `FIELD.only_if` (the column of a filter such as the 400 m completion code).
+    A combined field takes `FIELD=COL1,COL2`. Columns may use `{V}`. A field that was null
+    becomes `{column: COLUMN}` (categorical fields such as sex need a map: edit the spec).
+    Every problem is listed in one CohortSpecError.
+    """
+    spec = copy.deepcopy(spec)
+    allowed = ["key", *CANONICAL_FIELDS, *(f"{f}.only_if" for f in CANONICAL_FIELDS)]
+    problems = []
+    for text in overrides:
+        target, sep, column = (s.strip() for s in str(text).partition("="))
+        if not sep or not target or not column:
+            problems.append(f"column override {text!r} must look like FIELD=COLUMN")
+            continue
+        if target not in allowed:
+            problems.append(f"column override {text!r}: unknown field {target!r}; allowed "
+                            f"fields: {allowed}")
+            continue
+        columns = [c.strip() for c in column.split(",") if c.strip()]
+        name, _, sub = target.partition(".")
+        if name == "key":
+            spec.key = column
+            spec.overrides.append(text)
+            continue
+        f = spec.fields.get(name)
+        if sub == "only_if":
+            if not f or "only_if" not in f:
+                problems.append(f"column override {text!r}: field {name!r} has no only_if "
+                                "filter in the spec")
+            else:
+                f["only_if"]["column"] = column
+                spec.overrides.append(text)
+            continue
+        if f is None:
+            if name in CATEGORICAL_FIELDS:
+                problems.append(f"column override {text!r}: {name} is null in the spec and "
+                                "needs a 'map' of codes; set it in the spec YAML")
+                continue
+            f = spec.fields[name] = {}
+        if len(columns) > 1:
+            if "columns" not in f:
+                problems.append(f"column override {text!r}: {name} reads one column; "
+                                "several need combine: in the spec")
+                continue
+            f["columns"] = columns
+        elif "columns" in f:
+            problems.append(f"column override {text!r}: {name} combines {len(f['columns'])} "
+                            f"columns ({f['combine']}); give them all, comma-separated")
+            continue
+        else:
+            f["column"] = column
+        f.pop("uncertain", None)  # the user named the column: no longer an unchecked guess
+        spec.overrides.append(text)
+    for name, f in spec.fields.items():
+        problems += _check_field(name, f, f"after overrides: fields.{name}")
+    if problems:
+        raise CohortSpecError("Invalid column override(s):\n  " + "\n  ".join(problems))
+    return spec
+
+
+def participant_folders(dicom_root: str | Path, spec: CohortSpec) -> list[Path]:
+    """One folder per participant: under the visit's folder, `dicom.participant_depth` deep.
+
+    Depth 1 (default) is `<root>/<visit folder>/<participant>`; a release that groups
+    participants in batches (`<visit>/<batch>/<participant>`) uses depth 2.
+    """
+    root = Path(dicom_root)
+    if spec.visit_folder:
+        root = root / spec.visit_folder
+    if not root.is_dir():
+        raise CohortSpecError(f"cohort {spec.name}: DICOM folder {root} for visit "
+                              f"{spec.visit or spec.visit_folder!r} does not exist")
+    folders = [root]
+    for _ in range(int(spec.dicom.get("participant_depth", 1))):
+        folders = sorted(c for f in folders for c in f.iterdir() if c.is_dir())
+    return folders
+
+
 def _missing_label(cell: str, extra_missing: set[str]) -> str | None:
     """The missing-code label of a cell, or None when the cell holds a value."""
     if cell == "":
         return "blank"
+    if cell == _NO_ROW:
+        return "no_row"
     if cell in extra_missing:
         return cell
     if cell.startswith("."):
@@ -179,16 +395,22 @@ def _code(cell: str) -> str:
     return m.group(1) if m else cell
 
 
-def _read_tables(spec: CohortSpec, tables_dir: Path) -> pd.DataFrame:
+def _read_tables(spec: CohortSpec, tables_dir: Path,
+                 table_report: list[dict[str, Any]] | None = None) -> pd.DataFrame:
     merged: pd.DataFrame | None = None
+    visit_rows = spec.visit_rows()
     for t in spec.tables:
         path = tables_dir / t["file"]
         if not path.is_file():
             raise FileNotFoundError(f"cohort {spec.name}: table {t['file']} not found under "
                                     f"{tables_dir}")
+        skip = t.get("skip_rows")
+        if t.get("description_row"):  # NDA: line 2 describes each column in words
+            first = list(range(skip)) if isinstance(skip, int) else list(skip or [])
+            skip = sorted({*first, len(first) + 1})
         df = pd.read_csv(
             path, sep=t.get("delimiter", ","), encoding=t.get("encoding", "utf-8"),
-            dtype=str, keep_default_na=False, skiprows=t.get("skip_rows"),
+            dtype=str, keep_default_na=False, skiprows=skip,
         )
         df.columns = [c.strip() for c in df.columns]
         if spec.key not in df.columns:
@@ -196,51 +418,83 @@ def _read_tables(spec: CohortSpec, tables_dir: Path) -> pd.DataFrame:
                                   f"{t['file']} (columns: {list(df.columns)})")
         df = df.apply(lambda s: s.str.strip())
         df = df[df[spec.key] != ""]
+        n_read = len(df)
+        visit_column = t.get("visit_column")
+        if visit_column:
+            if visit_column not in df.columns:
+                raise CohortSpecError(f"cohort {spec.name}: visit_column {visit_column!r} not "
+                                      f"in {t['file']} (columns: {list(df.columns)})")
+            assert visit_rows is not None  # parse_spec requires rows for every visit
+            df = df[df[visit_column].isin(visit_rows)]
         if df[spec.key].duplicated().any():
+            hint = ("" if visit_column else
+                    "; a table with one row per visit needs visit_column in the spec")
             raise CohortSpecError(f"cohort {spec.name}: {t['file']} has "
-                                  f"{int(df[spec.key].duplicated().sum())} duplicate keys")
+                                  f"{int(df[spec.key].duplicated().sum())} duplicate keys"
+                                  f"{hint}")
+        if table_report is not None:
+            table_report.append({"file": t["file"], "rows_read": int(n_read),
+                                 "rows_kept": int(len(df)), "visit_column": visit_column,
+                                 "visit_rows": visit_rows if visit_column else None})
         df = df.set_index(spec.key)
         if merged is None:
             merged = df
         else:
+            # A column in several tables (NDA: sex, interview_age) comes from the first table
+            # that has a row for the participant.
             overlap = [c for c in df.columns if c in merged.columns]
             merged = merged.join(df.drop(columns=overlap), how="outer")
+            for c in overlap:
+                merged[c] = merged[c].fillna(df[c].reindex(merged.index))
     assert merged is not None
-    return merged.fillna("")
+    return merged.fillna(_NO_ROW)
 
 
 def load_cohort_table(spec: CohortSpec, tables_dir: str | Path) -> tuple[pd.DataFrame, dict]:
-    """Read a cohort's tables into canonical fields.
+    """Read a cohort's tables into canonical fields for the spec's visit.
 
     Returns:
         (table, report). `table` is indexed by the original key (str) with columns `sex`
         ("male"/"female"/None), `age`, `bmi`, the canonical measures and `exercise` (float,
-        NaN when missing). `report` holds per source column the count of each missing code,
-        values that could not be parsed, and how many values each filter removed.
+        NaN when missing). `report["missing"]` maps every source column read to
+        {missing code: count} (codes: "blank", ".", ".A", ..., "no_row" for a participant
+        absent from that column's table, or a spec `missing_values` entry); `missing_labels`
+        one full label per code; `unparsed` counts values that are neither missing nor
+        parseable; `filtered` what each only_if removed; `combined` how combined fields were
+        formed; `uncertain` the columns whose names the spec marks as unconfirmed.
     """
-    raw = _read_tables(spec, Path(tables_dir))
+    tables_report: list[dict[str, Any]] = []
+    raw = _read_tables(spec, Path(tables_dir), tables_report)
     extra_missing = set(spec.missing_values)
-    report: dict[str, Any] = {"n_rows": int(len(raw)), "missing": {}, "unparsed": {},
-                              "filtered": {}, "combined": {}}
+    fields = spec.resolved_fields()
+    report: dict[str, Any] = {"n_rows": int(len(raw)), "visit": spec.visit,
+                              "visit_folder": spec.visit_folder, "tables": tables_report,
+                              "overrides": list(spec.overrides), "missing": {},
+                              "missing_labels": {}, "unparsed": {}, "filtered": {},
+                              "combined": {}, "uncertain": {}}
     all_columns = set(raw.columns)
-    wanted = []
-    for f in spec.fields.values():
-        if f:
-            wanted += [f["column"]] if "column" in f else list(f["columns"])
-            if "only_if" in f:
-                wanted.append(f["only_if"]["column"])
+    wanted = [c for f in fields.values() if f for c in _field_columns(f)]
     absent = sorted({c for c in wanted if c not in all_columns})
     if absent:
         raise CohortSpecError(f"cohort {spec.name}: column(s) {absent} named in the spec are "
                               f"not in the tables (available: {sorted(all_columns)})")
+    for name, f in fields.items():
+        if f and f.get("uncertain"):
+            report["uncertain"][name] = {"columns": _field_columns(f),
+                                         "note": str(f["uncertain"])}
+            log.warning("cohort %s: %s reads %s, a column name the spec marks as uncertain "
+                        "(%s); confirm it or override it with --column", spec.name, name,
+                        _field_columns(f), f["uncertain"])
 
     def cells(column: str) -> tuple[pd.Series, list[str | None]]:
         """(cells with missing set to None, missing labels) and counts into the report."""
         raw_cells = [str(c) for c in raw[column]]
         labels = [_missing_label(c, extra_missing) for c in raw_cells]
         counts = Counter(lab for lab in labels if lab is not None)
-        if counts:
-            report["missing"][column] = dict(sorted(counts.items()))
+        report["missing"][column] = dict(sorted(counts.items()))
+        for c, lab in zip(raw_cells, labels):
+            if lab is not None and lab not in report["missing_labels"]:
+                report["missing_labels"][lab] = "no row in this table" if c == _NO_ROW else c
         values = [c if lab is None else None for c, lab in zip(raw_cells, labels)]
         return pd.Series(values, index=raw.index, dtype=object), labels
 
@@ -263,7 +517,7 @@ def load_cohort_table(spec: CohortSpec, tables_dir: str | Path) -> tuple[pd.Data
     table = pd.DataFrame(index=raw.index)
     table.index.name = "key"
     for name in CANONICAL_FIELDS:
-        f = spec.fields.get(name)
+        f = fields.get(name)
         if f is None:
             table[name] = None if name == "sex" else math.nan
             continue
@@ -313,6 +567,8 @@ def load_cohort_table(spec: CohortSpec, tables_dir: str | Path) -> tuple[pd.Data
             report["filtered"][name] = {"by": cond_col, "codes": sorted(ok_codes),
                                         "removed": removed}
             values = values.where(keep, math.nan)
+        if "divide_by" in f:  # unit conversion, e.g. NDA interview_age in months -> years
+            values = values / float(f["divide_by"])
         table[name] = values
     report["non_missing"] = {c: int(table[c].notna().sum()) for c in table.columns}
     return table, report

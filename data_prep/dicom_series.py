@@ -8,6 +8,11 @@ names, UIDs) stays in memory in the returned objects; nothing here prints or sto
 
 Slice order comes from ImagePositionPatient projected on the slice normal
 (row direction x column direction), never from file names or InstanceNumber.
+
+Every failure carries a category (`DicomSeriesError.reason`, `Selection.rejected` reasons)
+so the ingest report can count problems by kind; REASONS lists them. Compressed transfer
+syntaxes (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, deflate) decode through
+pydicom with pylibjpeg + pylibjpeg-libjpeg/-openjpeg/-rle (tests/data_prep/test_decoders.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +39,40 @@ SPACING_RTOL = 0.05
 ORIENTATION_ATOL = 1e-3
 
 
+# Problem categories (the same words as data_prep/store.py REASONS, so ingest reports count
+# them directly). Series-level rejections in `Selection.rejected` add `localizer` and
+# `description_mismatch`, which are normal (other series of the study), not problems.
+REASONS = {
+    "not_dicom": "file is not DICOM",
+    "truncated": "file ends early (inside the header or the pixel data)",
+    "no_pixel_data": "no (or empty) PixelData element, or DICOM without image geometry",
+    "undecodable": "pixel data cannot be decoded (codec missing, data corrupt, colour or "
+                   "multi-frame image)",
+    "inconsistent_geometry": "size, pixel spacing, orientation or slice positions differ "
+                             "between files, or a slice has no position",
+    "wrong_orientation": "a series matching the description is not axial (coronal/sagittal)",
+    "too_few_slices": "fewer slices than the recipe keeps",
+    "no_thigh_series": "no series matches the description patterns",
+}
+SERIES_REJECTIONS = ("localizer", "description_mismatch", "wrong_orientation", "too_few_slices")
+
+
 class DicomSeriesError(ValueError):
-    """A series that cannot be turned into a volume; the message says what and where."""
+    """A series that cannot be turned into a volume; the message says what and where.
+
+    `reason` is one of REASONS (a category for reports); the message has the detail.
+    """
+
+    def __init__(self, message: str, reason: str = "undecodable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
 class SkippedFile:
     path: Path
     reason: str
+    category: str = "not_dicom"  # one of REASONS: not_dicom, truncated, no_pixel_data
 
 
 @dataclass
@@ -54,6 +86,8 @@ class SeriesInfo:
     image_type: tuple[str, ...]
     patient_key: str  # PatientID = the cohort table key
     files: list[Path] = field(default_factory=list)
+    # SeriesDate + SeriesTime (or AcquisitionDate/Time) as "YYYYMMDDHHMMSS.ffffff"; "" unknown
+    series_time: str = ""
 
     @property
     def n_files(self) -> int:
@@ -90,8 +124,21 @@ class Selection:
 
     series: SeriesInfo | None
     candidates: list[SeriesInfo]
-    rejected: list[tuple[SeriesInfo, str]]
+    rejected: list[tuple[SeriesInfo, str]]  # (series, one of SERIES_REJECTIONS)
     note: str
+
+    @property
+    def reason(self) -> str | None:
+        """None when a series was chosen; else the category of the closest miss:
+        `too_few_slices` (an axial thigh series, but short), then `wrong_orientation` (a
+        thigh series that is not axial), else `no_thigh_series`."""
+        if self.series is not None:
+            return None
+        found = {r for _, r in self.rejected}
+        for reason in ("too_few_slices", "wrong_orientation"):
+            if reason in found:
+                return reason
+        return "no_thigh_series"
 
 
 @dataclass(frozen=True)
@@ -140,13 +187,16 @@ def _scan_files(paths: list[Path], by_uid: dict[str, SeriesInfo],
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-            reason = "not a DICOM file" if isinstance(exc, InvalidDicomError) else (
-                f"unreadable DICOM header ({type(exc).__name__})")
-            skipped.append(SkippedFile(path, reason))
+            if isinstance(exc, InvalidDicomError):
+                skipped.append(SkippedFile(path, "not a DICOM file", "not_dicom"))
+            else:
+                skipped.append(SkippedFile(
+                    path, f"unreadable DICOM header ({type(exc).__name__})", "truncated"))
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid or "ImagePositionPatient" not in ds:
-            skipped.append(SkippedFile(path, "DICOM without series UID or image position"))
+            skipped.append(SkippedFile(path, "DICOM without series UID or image position",
+                                       "no_pixel_data"))
             continue
         info = by_uid.get(uid)
         if info is None:
@@ -159,83 +209,173 @@ def _scan_files(paths: list[Path], by_uid: dict[str, SeriesInfo],
                 orientation=tuple(float(v) for v in orientation) if orientation else None,
                 image_type=tuple(str(v) for v in (ds.get("ImageType") or ())),
                 patient_key=str(ds.get("PatientID", "") or "").strip(),
+                series_time=_series_time(ds),
             )
             by_uid[uid] = info
         info.files.append(path)
 
 
-def select_thigh_series(
-    series: Iterable[SeriesInfo], description_patterns: Sequence[str]
-) -> Selection:
-    """Pick the axial thigh series among one participant's series.
+def _series_time(ds: pydicom.Dataset) -> str:
+    for date_tag, time_tag in (("SeriesDate", "SeriesTime"),
+                               ("AcquisitionDate", "AcquisitionTime")):
+        date, time = str(ds.get(date_tag, "") or ""), str(ds.get(time_tag, "") or "")
+        if date or time:
+            return f"{date:0<8}{time}"
+    return ""
 
-    A candidate is axial (slice normal within ~25 degrees of the patient z axis), not a
-    localizer (ImageType), and its SeriesDescription matches one of `description_patterns`
-    (regular expressions, case-insensitive `re.search`). Several candidates (repeats,
-    reconstructions): take the one with most files, then the highest SeriesNumber (the
-    latest acquisition, usually the repeat after a failed one); the note says so.
+
+def select_thigh_series(
+    series: Iterable[SeriesInfo], description_patterns: Sequence[str], *, min_slices: int = 1
+) -> Selection:
+    """Pick the axial thigh series among one participant's series (one visit).
+
+    A series is rejected, with the first reason that applies, as
+    `localizer` (ImageType LOCALIZER), `description_mismatch` (SeriesDescription matches none
+    of `description_patterns`: regular expressions, case-insensitive `re.search`),
+    `wrong_orientation` (slice normal more than ~25 degrees from the patient z axis: a
+    coronal or sagittal series, whatever its description says) or `too_few_slices` (fewer
+    files than `min_slices`; pass the recipe's n_slices).
+
+    Several candidates left (a repeat after motion, a reconstruction): the rule is most
+    files, then highest SeriesNumber, then latest series time -- the scanner numbers series in
+    acquisition order, so a repeat outranks the failed first attempt. The note names the
+    chosen series number and the rule; the ingest report keeps it.
     """
     regexes = [re.compile(p, re.IGNORECASE) for p in description_patterns]
-    candidates, rejected = [], []
+    candidates: list[SeriesInfo] = []
+    rejected: list[tuple[SeriesInfo, str]] = []
     for s in series:
         if s.is_localizer:
-            rejected.append((s, "localizer (ImageType)"))
-        elif not s.is_axial:
-            rejected.append((s, "not axial (slice normal not along z)"))
+            rejected.append((s, "localizer"))
         elif not any(r.search(s.description) for r in regexes):
-            rejected.append((s, f"description {s.description!r} matches no pattern"))
+            rejected.append((s, "description_mismatch"))
+        elif not s.is_axial:
+            rejected.append((s, "wrong_orientation"))
+        elif s.n_files < min_slices:
+            rejected.append((s, "too_few_slices"))
         else:
             candidates.append(s)
     if not candidates:
-        reasons = "; ".join(sorted({r for _, r in rejected})) or "no image series found"
-        return Selection(None, [], rejected, f"no axial thigh series ({reasons})")
-    ranked = sorted(candidates, key=lambda s: (s.n_files, s.series_number or 0), reverse=True)
+        counts = Counter(r for _, r in rejected)
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(counts.items()))
+        detail = "; ".join(f"series {s.series_number} {_describe_rejection(s, r, min_slices)}"
+                           for s, r in rejected)
+        note = (f"no axial thigh series ({reasons}; {detail})" if rejected
+                else "no axial thigh series (no image series found)")
+        return Selection(None, [], rejected, note)
+    ranked = sorted(candidates, key=lambda s: (s.n_files, s.series_number or 0, s.series_time),
+                    reverse=True)
     note = "one candidate"
     if len(ranked) > 1:
+        others = ", ".join(f"{s.series_number} ({s.n_files} files)" for s in ranked[1:])
         note = (f"{len(ranked)} candidates; chose series number {ranked[0].series_number} "
-                f"({ranked[0].n_files} files): most files, then highest series number")
+                f"({ranked[0].n_files} files) over {others}: most files, then highest series "
+                "number, then latest series time")
     return Selection(ranked[0], ranked, rejected, note)
+
+
+def _describe_rejection(s: SeriesInfo, reason: str, min_slices: int) -> str:
+    if reason == "description_mismatch":
+        return f"{reason} ({s.description!r})"
+    if reason == "wrong_orientation":
+        n = s.normal
+        return f"{reason} (normal {None if n is None else (np.round(n, 2) + 0.0).tolist()})"
+    if reason == "too_few_slices":
+        return f"{reason} ({s.n_files} < {min_slices})"
+    return reason
 
 
 def load_volume(series: SeriesInfo) -> tuple[np.ndarray, Geometry]:
     """Read the pixel data of `series` into float32 (n, rows, cols) ordered along its normal.
 
-    RescaleSlope/RescaleIntercept are applied per file. Raises DicomSeriesError naming the
-    problem when a file has no pixel data, when sizes, pixel spacing or orientation differ
-    between files, when two slices share a position, or when slice spacing is uneven.
+    RescaleSlope/RescaleIntercept are applied per file. Raises DicomSeriesError with a
+    `reason` from REASONS when a file is truncated, has no pixel data, cannot be decoded or
+    is not a single greyscale frame, when sizes, pixel spacing or orientation differ between
+    files, when two slices share a position, or when slice spacing is uneven.
     """
     if not series.files:
-        raise DicomSeriesError("series has no files")
+        raise DicomSeriesError("series has no files", "no_pixel_data")
     with _quiet_pydicom():
         slices = [_read_slice(path) for path in series.files]
     return _assemble(slices)
 
 
-def _read_slice(path: Path) -> dict:
-    """One file -> pixels (rescaled float32) and geometry; DicomSeriesError if unusable."""
+# (7FE0,0010) Pixel Data tag as written in little- and big-endian files.
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+
+
+def _read_dataset(path: Path) -> pydicom.Dataset:
     name = path.name
     try:
         ds = pydicom.dcmread(path)
-    except Exception as exc:  # noqa: BLE001 - any read failure is a file problem
-        raise DicomSeriesError(f"file {name}: cannot be read ({type(exc).__name__})") from exc
-    # A truncated file can come back as a dataset without pixel data and only a warning.
-    if "PixelData" not in ds or ds.get("PixelData") in (None, b""):
-        raise DicomSeriesError(f"file {name}: no pixel data (truncated or not an image)")
+    except InvalidDicomError as exc:
+        raise DicomSeriesError(f"file {name}: not a DICOM file", "not_dicom") from exc
+    except EOFError as exc:
+        raise DicomSeriesError(f"file {name}: ends inside the header", "truncated") from exc
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a file problem
+        raise DicomSeriesError(f"file {name}: cannot be read ({type(exc).__name__})",
+                               "truncated") from exc
+    if "PixelData" not in ds:
+        # pydicom drops an element whose value runs past the end of the file with only a
+        # warning: a Pixel Data tag in the bytes but not in the dataset means truncation.
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if any(tag in raw for tag in _PIXEL_DATA_TAGS):
+            raise DicomSeriesError(f"file {name}: ends inside the pixel data", "truncated")
+        raise DicomSeriesError(f"file {name}: no pixel data (not an image)", "no_pixel_data")
+    if ds.get("PixelData") in (None, b""):
+        raise DicomSeriesError(f"file {name}: pixel data element is empty", "no_pixel_data")
+    return ds
+
+
+def _decode(ds: pydicom.Dataset, name: str) -> np.ndarray:
     try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoder errors vary by transfer syntax
+        return ds.pixel_array
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # BaseException: pylibjpeg-rle reports corrupt data as a Rust panic (PanicException),
+    # which is not an Exception subclass.
+    except BaseException as exc:  # noqa: BLE001 - decoder errors vary by transfer syntax
+        text = str(exc)
+        reason = "truncated" if "less than expected" in text else "undecodable"
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        syntax_name = getattr(syntax, "name", str(syntax))
         raise DicomSeriesError(
-            f"file {name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"file {name}: pixel data ({syntax_name}) cannot be decoded "
+            f"({type(exc).__name__}: {' '.join(text.split())[:400]})", reason) from exc
+
+
+def decode_file(path: str | os.PathLike) -> np.ndarray:
+    """The stored pixel values of one DICOM file (no rescale), through the same checks as
+    `load_volume`: raises DicomSeriesError with reason truncated / no_pixel_data /
+    undecodable / unreadable instead of crashing or returning an empty image."""
+    path = Path(path)
+    with _quiet_pydicom():
+        return _decode(_read_dataset(path), path.name)
+
+
+def _read_slice(path: Path) -> dict:
+    """One file -> pixels (rescaled float32) and geometry; DicomSeriesError if unusable."""
+    name = path.name
+    ds = _read_dataset(path)
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+        raise DicomSeriesError(f"file {name}: {ds.SamplesPerPixel} samples per pixel "
+                               f"({ds.get('PhotometricInterpretation')})", "undecodable")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise DicomSeriesError(f"file {name}: {ds.NumberOfFrames} frames in one file",
+                               "undecodable")
+    pixels = _decode(ds, name)
     if pixels.ndim != 2:
-        raise DicomSeriesError(f"file {name}: expected one 2-D frame, got shape {pixels.shape}")
+        raise DicomSeriesError(f"file {name}: expected one 2-D frame, got shape {pixels.shape}",
+                               "undecodable")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     orientation = ds.get("ImageOrientationPatient")
     position = ds.get("ImagePositionPatient")
     spacing = ds.get("PixelSpacing")
     if orientation is None or position is None:
-        raise DicomSeriesError(f"file {name}: missing ImageOrientationPatient/PositionPatient")
+        raise DicomSeriesError(f"file {name}: missing ImageOrientationPatient/PositionPatient",
+                               "inconsistent_geometry")
     return {
         "name": name,
         "pixels": pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept),
@@ -251,13 +391,15 @@ def _assemble(slices: list[dict]) -> tuple[np.ndarray, Geometry]:
         if s["pixels"].shape != ref["pixels"].shape:
             raise DicomSeriesError(
                 f"inconsistent image size: {s['name']} is {s['pixels'].shape}, "
-                f"{ref['name']} is {ref['pixels'].shape}")
+                f"{ref['name']} is {ref['pixels'].shape}", "inconsistent_geometry")
         if not np.allclose(s["orientation"], ref["orientation"], atol=ORIENTATION_ATOL):
             raise DicomSeriesError(
-                f"inconsistent orientation: {s['name']} differs from {ref['name']}")
+                f"inconsistent orientation: {s['name']} differs from {ref['name']}",
+                "inconsistent_geometry")
         if not np.allclose(s["spacing"], ref["spacing"], rtol=SPACING_RTOL):
             raise DicomSeriesError(
-                f"inconsistent pixel spacing: {s['name']} {s['spacing']} vs {ref['spacing']}")
+                f"inconsistent pixel spacing: {s['name']} {s['spacing']} vs {ref['spacing']}",
+                "inconsistent_geometry")
 
     row, col = ref["orientation"][:3], ref["orientation"][3:]
     normal = np.cross(row, col)
@@ -268,12 +410,13 @@ def _assemble(slices: list[dict]) -> tuple[np.ndarray, Geometry]:
     if len(proj) > 1:
         gaps = np.diff(proj)
         if np.any(gaps < 1e-3):
-            raise DicomSeriesError("two or more slices share the same position along the normal")
+            raise DicomSeriesError("two or more slices share the same position along the "
+                                   "normal", "inconsistent_geometry")
         median = float(np.median(gaps))
         if np.any(np.abs(gaps - median) > SPACING_RTOL * median):
             raise DicomSeriesError(
                 f"uneven slice spacing: gaps {np.round(gaps, 3).tolist()} mm "
-                "(missing slice or mixed stacks)")
+                "(missing slice or mixed stacks)", "inconsistent_geometry")
         slice_spacing = median
     else:
         slice_spacing = 0.0
@@ -300,6 +443,6 @@ def read_thigh_volume(
     scan = scan_tree(folder)
     selection = select_thigh_series(scan.series, description_patterns)
     if selection.series is None:
-        raise DicomSeriesError(f"{Path(folder).name}: {selection.note}")
+        raise DicomSeriesError(f"{Path(folder).name}: {selection.note}", selection.reason)
     volume, geometry = load_volume(selection.series)
     return volume, geometry, selection

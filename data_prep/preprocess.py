@@ -1,7 +1,8 @@
 """Preprocessing recipe: one ordered thigh volume -> the uint16 slices the models see.
 
 Ingest (data_prep/build_store.py) and prediction on new subjects (study/predict.py) both call
-`apply_recipe`, so a model always sees images prepared exactly like its training data.
+`apply_recipe`, so a model always sees images prepared exactly like its training data; the
+store records the recipe (`Recipe.to_dict()`) and prediction rebuilds it (`Recipe.from_dict`).
 
     from data_prep.preprocess import Recipe, apply_recipe
     images, stats = apply_recipe(volume, Recipe(size=(128, 256)))
@@ -70,16 +71,28 @@ class Recipe:
         return cls(**d)
 
 
+class TooFewSlicesError(ValueError):
+    """The series has fewer slices than the recipe keeps (reason `too_few_slices`)."""
+
+    reason = "too_few_slices"
+
+
 def select_stack(n_available: int, n_slices: int) -> slice:
     """The central `n_slices` of a stack of `n_available` (extra slice, if odd, goes low).
 
+    The "around mid-thigh" rule: the operator centres the axial prescription on mid-thigh
+    (OAI: 15 slices at 33% of femur length from the distal end), so the centre of a longer
+    stack is the prescription's centre. A slice index, not anatomy, is used because an
+    anatomical landmark (e.g. the narrowest femoral shaft) is unreliable across scanners
+    and fields of view; `stats["slice_start"]` records the window taken.
+
     Raises:
-        ValueError: when the stack has fewer slices than the recipe needs.
+        TooFewSlicesError (a ValueError): when the stack has fewer slices than needed.
     """
     if n_slices < 1:
         raise ValueError(f"n_slices must be >= 1, got {n_slices}")
     if n_available < n_slices:
-        raise ValueError(f"series has {n_available} slices, the recipe needs {n_slices}")
+        raise TooFewSlicesError(f"series has {n_available} slices, the recipe needs {n_slices}")
     start = (n_available - n_slices) // 2
     return slice(start, start + n_slices)
 

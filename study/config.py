@@ -30,6 +30,10 @@ FREEZE_MODES = ("fc", "layer4", "layer3", "none")
 OPTIMIZERS = ("sgd", "adamw")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 SCHEDULERS = ("none", "asha")
+# holdout: select on validation subjects, report on untouched test subjects (the default).
+# seed_replication: the seed abstract's protocol (train/val only, validation accuracy reported);
+# optimistic by construction, kept only to reproduce the published number.
+PROTOCOLS = ("holdout", "seed_replication")
 
 
 class GridError(ValueError):
@@ -100,6 +104,7 @@ class GridConfig:
     store: str
     grid: dict[str, tuple[str, ...]]
     search: tuple[SearchParam, ...]
+    protocol: str = "holdout"
     threshold: str = "cohort"
     threshold_fit: str = "train"  # held-out subjects' measures never set the threshold
     trials_per_cell: int = 8
@@ -279,9 +284,17 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     if isinstance(weights, str) and weights not in ("none", "imagenet"):
         if not Path(weights).is_file():
             errors.append(f"train.weights: {weights!r} is neither 'none', 'imagenet' nor an existing .pth file")
+    protocol = raw.get("protocol", "holdout")
+    if protocol not in PROTOCOLS:
+        errors.append(f"protocol: unknown value {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     for name, frac in (("split.val", split.val), ("split.test", split.test)):
-        if isinstance(frac, (int, float)) and not 0 < frac < 1:
-            errors.append(f"{name}: expected a fraction in (0, 1), got {frac!r}")
+        if name == "split.test" and protocol == "seed_replication":
+            if frac != 0:
+                errors.append(f"split.test: protocol seed_replication has no test set (the seed reported "
+                              f"validation accuracy); set split.test: 0, got {frac!r}")
+        elif isinstance(frac, (int, float)) and not 0 < frac < 1:
+            errors.append(f"{name}: expected a fraction in (0, 1), got {frac!r}"
+                          + ("; split.test: 0 is only allowed with protocol: seed_replication" if frac == 0 else ""))
     if isinstance(split.val, (int, float)) and isinstance(split.test, (int, float)) and split.val + split.test >= 0.8:
         errors.append(f"split: val + test = {split.val + split.test:.2f} leaves under 20% for training")
     if resources.cpu is not None and isinstance(resources.cpu, (int, float)) and resources.cpu <= 0:
@@ -314,7 +327,7 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
 
     return GridConfig(  # paths (store, weights) are relative to the working directory, like CLI paths
         question=raw["question"].strip(), name=name, store=raw["store"], grid=grid, search=search,
-        threshold=threshold, threshold_fit=threshold_fit, trials_per_cell=raw.get("trials_per_cell", 8),
+        protocol=protocol, threshold=threshold, threshold_fit=threshold_fit, trials_per_cell=raw.get("trials_per_cell", 8),
         max_concurrent_per_cell=mc, scheduler=scheduler,
         optuna_startup_trials=raw.get("optuna_startup_trials", 3),
         min_subjects_per_cell=raw.get("min_subjects_per_cell", 20),

@@ -81,6 +81,8 @@ def plan_cell(grid: GridConfig, subjects: pd.DataFrame, cell: Cell, direction: s
     row_to_label = dict(zip(rows.tolist(), labels_all.tolist()))
     labels = {part: np.array([row_to_label[r] for r in split[part]], dtype=np.int64) for part in split}
     for part in ("train", "val", "test"):
+        if part == "test" and grid.protocol == "seed_replication":
+            continue  # that protocol has no test partition
         if len(np.unique(labels[part])) < 2:
             raise PlanError(f"cell {cell.name}: the {part} partition ({len(labels[part])} subjects) "
                             f"holds one class only; use more subjects or a larger split.{part}")

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from data_prep.cohorts import (MEASURES, CohortSpecError, load_cohort_table, load_spec,
-                               parse_spec)
+from data_prep.cohorts import (MEASURES, CohortSpecError, apply_column_overrides,
+                               load_cohort_table, load_spec, parse_spec, participant_folders,
+                               select_visit)
 
 OAI_HEADER = ("ID|V00AGE|P01BMI|P01WEIGHT|P01HEIGHT|V0020MPACE|V00400MTIM|V00400MCMP|"
               "V00CSTIME1|V00CSPACE|V00REMAXF|V00LEMAXF|V00RFMAXF|V00LFMAXF")
@@ -112,3 +113,202 @@ def test_spec_column_not_in_table(tmp_path):
 def test_unknown_cohort():
     with pytest.raises(CohortSpecError, match="oai"):
         load_spec("oia")
+
+
+# ---- OAI on the NIMH Data Archive (NDA): description row, one row per visit, joins ----
+
+NDA_DESC = {"src_subject_id": "Subject ID how it's defined in lab/project",
+            "visit": "Visit name", "interview_age": "Age in months at the time of the interview",
+            "sex": "Sex of the subject", "bmi": "Body mass index"}
+
+
+def write_nda_table(path, columns, rows):
+    """An NDA data-structure file: quoted, tab-delimited, line 2 = column descriptions."""
+    def line(cells):
+        return "\t".join(f'"{c}"' for c in cells)
+    desc = [NDA_DESC.get(c, f"description of {c}") for c in columns]
+    path.write_text("\n".join([line(columns), line(desc), *(line(r) for r in rows), ""]),
+                    encoding="utf-8")
+
+
+def write_nda(tables):
+    """Three participants, two visits; 9000003 has no 24m rows, 9000002 no oarisk row."""
+    pf_cols = ["subjectkey", "src_subject_id", "interview_age", "sex", "visit", "w20mpace",
+               "w400mcmp", "w400mtim", "cstime1", "cspace", "remaxf", "lemaxf", "rfmaxf",
+               "lfmaxf"]
+    write_nda_table(tables / "oai_physfunct01.txt", pf_cols, [
+        ["NDAR1", "9000001", "732", "M", "V00", "1.35", "1", "290.5", "10.2", "0.49", "400",
+         "300", "150", "140"],
+        ["NDAR1", "9000001", "756", "M", "V03", "1.20", "2", "310.0", "11.0", "0.45", "380",
+         "", "150", "140"],
+        ["NDAR2", "9000002", "840", "F", "V00", "", "0", "420.0", "", "", "", "250", "90",
+         "95"],
+        ["NDAR2", "9000002", "864", "F", "V03", "1.05", "1", "360.0", "12.5", "0.40", "260",
+         "240", "90", "95"],
+        ["NDAR3", "9000003", "660", "F", "V00", "1.50", "1", "250.0", "8.0", "0.6", "500",
+         "520", "200", "190"],
+    ])
+    write_nda_table(tables / "oai_oarisk01.txt",
+                    ["subjectkey", "src_subject_id", "interview_age", "sex", "visit", "bmi"], [
+        ["NDAR1", "9000001", "732", "M", "V00", "27.5"],
+        ["NDAR1", "9000001", "756", "M", "V03", "28.0"],
+        ["NDAR3", "9000003", "660", "F", "V00", ""],
+    ])
+    write_nda_table(tables / "ndar_subject01.txt",
+                    ["subjectkey", "src_subject_id", "interview_age", "sex", "race"], [
+        ["NDAR1", "9000001", "732", "M", "White"], ["NDAR2", "9000002", "840", "F", "Black"],
+        ["NDAR3", "9000003", "660", "F", "White"],
+    ])
+
+
+def test_oai_nda_baseline(tmp_path):
+    write_nda(tmp_path)
+    spec = load_spec("oai_nda")
+    table, report = load_cohort_table(spec, tmp_path)
+    assert sorted(table.index) == ["9000001", "9000002", "9000003"]
+    assert table.loc["9000001", "sex"] == "male" and table.loc["9000002", "sex"] == "female"
+    assert table.loc["9000001", "age"] == pytest.approx(61.0)  # 732 months
+    assert table.loc["9000001", "leg_strength"] == 350.0  # mean of remaxf, lemaxf
+    assert table.loc["9000002", "leg_strength"] == 250.0  # one side
+    assert table.loc["9000001", "gait_400m"] == 290.5
+    assert math.isnan(table.loc["9000002", "gait_400m"])  # walk not completed (0)
+    assert report["filtered"]["gait_400m"]["removed"] == 1
+    assert table.loc["9000001", "bmi"] == 27.5
+    assert math.isnan(table.loc["9000002", "bmi"]) and math.isnan(table.loc["9000003", "bmi"])
+    # blanks and absent rows are both missing, counted apart
+    assert report["missing"]["bmi"] == {"blank": 1, "no_row": 1}
+    assert report["missing"]["w20mpace"] == {"blank": 1}
+    assert report["missing"]["w400mtim"] == {}  # every column read is listed
+    assert report["missing_labels"]["no_row"] == "no row in this table"
+    # the description row is not a participant, the visit filter kept baseline rows only
+    assert [(t["rows_read"], t["rows_kept"]) for t in report["tables"]] == [(5, 3), (3, 2),
+                                                                             (3, 3)]
+    assert report["visit"] == "00m" and spec.visit_folder == "00m"
+    assert report["uncertain"]["leg_strength"]["columns"] == ["remaxf", "lemaxf"]
+
+
+def test_oai_nda_follow_up_visit(tmp_path):
+    write_nda(tmp_path)
+    spec = select_visit(load_spec("oai_nda"), "24m")
+    table, report = load_cohort_table(spec, tmp_path)
+    assert spec.visit_folder == "24m"
+    assert table.loc["9000001", "age"] == pytest.approx(63.0)  # 756 months at 24m
+    assert table.loc["9000001", "leg_strength"] == 380.0  # left blank at 24m
+    assert table.loc["9000002", "gait_400m"] == 360.0 and math.isnan(table.loc["9000002", "bmi"])
+    # 9000003 came to baseline only: 24m measures missing ("no_row"); sex from ndar_subject01
+    assert table.loc["9000003", "sex"] == "female"
+    assert math.isnan(table.loc["9000003", "gait_speed_short"])
+    assert report["missing"]["w20mpace"] == {"no_row": 1}
+
+
+def test_nda_without_visit_column_reports_duplicates(tmp_path):
+    write_nda(tmp_path)
+    spec = load_spec("oai_nda")
+    spec.tables[0] = {k: v for k, v in spec.tables[0].items() if k != "visit_column"}
+    with pytest.raises(CohortSpecError, match="2 duplicate keys.*visit_column"):
+        load_cohort_table(spec, tmp_path)
+
+
+# ---- visit choice, column templates, overrides ----
+
+def test_oai_visit_selects_prefix_and_folder(tmp_path):
+    spec = load_spec("oai")
+    assert spec.visit == "00m" and spec.column("{V}20MPACE") == "V0020MPACE"
+    late = select_visit(spec, "24m")
+    assert late.visit_folder == "24m" and late.column("{V}20MPACE") == "V0320MPACE"
+    assert late.resolved_fields()["leg_strength"]["columns"] == ["V03REMAXF", "V03LEMAXF"]
+    assert late.resolved_fields()["gait_400m"]["only_if"]["column"] == "V03400MCMP"
+    assert spec.visit == "00m"  # the original is untouched
+    # a 24m table: the V03 names are read, V00 names would be absent
+    (tmp_path / "AllClinical_ASCII").mkdir()
+    (tmp_path / "General_ASCII").mkdir()
+    header = OAI_HEADER.replace("V00", "V03")
+    (tmp_path / "AllClinical_ASCII" / "AllClinical00.txt").write_text(
+        "\n".join([header, OAI_ROWS[0], ""]), encoding="latin-1")
+    (tmp_path / "General_ASCII" / "Enrollees.txt").write_text("\n".join(ENROLLEES) + "\n")
+    table, report = load_cohort_table(late, tmp_path)
+    assert table.loc["9000001", "gait_speed_short"] == 1.35 and report["visit"] == "24m"
+    with pytest.raises(CohortSpecError, match="V0020MPACE"):
+        load_cohort_table(spec, tmp_path)
+    with pytest.raises(CohortSpecError, match=r"unknown visit '06m'; allowed visits: \['00m'"):
+        select_visit(spec, "06m")
+    with pytest.raises(CohortSpecError, match="defines no visits"):
+        select_visit(load_spec("somma"), "00m")
+
+
+def test_spec_visit_and_template_errors():
+    raw = {"name": "x", "key": "ID", "tables": [{"file": "t.csv", "visit_column": "visit"}],
+           "visit": "12m", "visits": {"00m": {"folder": "00m", "prefix": "V00"}},
+           "fields": {"age": {"column": "{V}AGE"}, "bmi": {"column": "{VISIT}BMI"}},
+           "dicom": {"series_description": ["THIGH"], "visit_folder": "00m"}}
+    with pytest.raises(CohortSpecError) as err:
+        parse_spec(raw)
+    msg = str(err.value)
+    for part in ("visit '12m' is not one of the visits ['00m']", "['prefix']",
+                 "{VISIT}", "not dicom.visit_folder", "defines V", "defines rows"):
+        assert part in msg, part
+
+
+def test_apply_column_overrides(tmp_path):
+    write_oai(tmp_path)
+    spec = load_spec("oai")
+    new = apply_column_overrides(spec, ["gait_speed_short=V00CSPACE",
+                                        "leg_strength={V}RFMAXF,{V}LFMAXF",
+                                        "gait_400m.only_if=V00CSTIME1"])
+    assert spec.fields["gait_speed_short"]["column"] == "{V}20MPACE"  # copy, not in place
+    assert new.overrides == ["gait_speed_short=V00CSPACE", "leg_strength={V}RFMAXF,{V}LFMAXF",
+                             "gait_400m.only_if=V00CSTIME1"]
+    table, report = load_cohort_table(new, tmp_path)
+    assert table.loc["9000001", "gait_speed_short"] == 0.49
+    assert table.loc["9000001", "leg_strength"] == 1.0
+    assert "leg_strength" not in report["uncertain"]  # named by the user: no longer a guess
+    assert report["overrides"] == new.overrides
+    somma = apply_column_overrides(load_spec("volunteers"), ["bmi=BMI", "key=ID"])
+    assert somma.fields["bmi"] == {"column": "BMI"} and somma.key == "ID"
+    with pytest.raises(CohortSpecError) as err:
+        apply_column_overrides(spec, ["strength=X", "age", "leg_strength=ONE",
+                                      "age.only_if=X", "gait_speed_short=A,B"])
+    msg = str(err.value)
+    assert "unknown field 'strength'; allowed fields: ['key', 'sex'" in msg
+    assert "'age' must look like FIELD=COLUMN" in msg
+    assert "give them all, comma-separated" in msg and "has no only_if" in msg
+    assert "several need combine" in msg
+    no_sex = load_spec("somma")
+    no_sex.fields["sex"] = None
+    with pytest.raises(CohortSpecError, match="sex is null in the spec and needs a 'map'"):
+        apply_column_overrides(no_sex, ["sex=GENDER"])
+
+
+def test_uncertain_columns_are_reported(tmp_path, caplog):
+    write_oai(tmp_path)
+    with caplog.at_level("WARNING", logger="data_prep.cohorts"):
+        _, report = load_cohort_table(load_spec("oai"), tmp_path)
+    assert report["uncertain"]["leg_strength"]["columns"] == ["V00REMAXF", "V00LEMAXF"]
+    assert "uncertain" in caplog.text and "--column" in caplog.text
+
+
+def test_participant_folders(tmp_path):
+    for rel in ("00m/9000001/20040101/3", "00m/9000002", "24m/9000001"):
+        (tmp_path / rel).mkdir(parents=True)
+    (tmp_path / "00m" / "stray.txt").write_text("not a participant")
+    spec = load_spec("oai")
+    assert [p.name for p in participant_folders(tmp_path, spec)] == ["9000001", "9000002"]
+    assert [p.name for p in participant_folders(tmp_path, select_visit(spec, "24m"))] == [
+        "9000001"]
+    # a release that groups participants in batch folders: <visit>/<batch>/<participant>
+    (tmp_path / "00m").rename(tmp_path / "batch")
+    (tmp_path / "00m").mkdir()
+    (tmp_path / "batch").rename(tmp_path / "00m" / "0.C.2")
+    batched = load_spec("oai")
+    batched.dicom["participant_depth"] = 2
+    assert [p.name for p in participant_folders(tmp_path, batched)] == ["9000001", "9000002"]
+    with pytest.raises(CohortSpecError, match="48m"):
+        participant_folders(tmp_path, select_visit(spec, "48m"))
+
+
+def test_builtin_specs_load():
+    from data_prep.cohorts import builtin_specs
+    assert builtin_specs() == ["oai", "oai_nda", "somma", "volunteers"]
+    for name in builtin_specs():
+        spec = load_spec(name)
+        assert spec.description_patterns, name

@@ -11,16 +11,17 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from data_prep.dicom_series import (DicomSeriesError, load_volume, read_thigh_volume,
-                                    scan_tree, select_thigh_series)
+from data_prep.dicom_series import (REASONS, SERIES_REJECTIONS, DicomSeriesError, decode_file, load_volume,
+                                    read_thigh_volume, scan_tree, select_thigh_series)
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 CORONAL = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+SAGITTAL = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
 
 
 def write_series(folder, *, n=6, description="AX_T1_THIGH", orientation=AXIAL, z0=100.0,
                  dz=-5.0, slope=None, intercept=None, image_type=("ORIGINAL", "PRIMARY"),
-                 patient_id="9000001", series_number=3, seed=0):
+                 patient_id="9000001", series_number=3, seed=0, series_time=None):
     """Write `n` single-frame slices with shuffled extensionless names.
 
     Slice k (InstanceNumber k+1) sits at z0 + k*dz and holds stored value 10*(k+1) + pixel
@@ -40,6 +41,8 @@ def write_series(folder, *, n=6, description="AX_T1_THIGH", orientation=AXIAL, z
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.SeriesDescription = description
         ds.SeriesNumber = series_number
+        if series_time is not None:
+            ds.SeriesDate, ds.SeriesTime = "20050301", series_time
         ds.ImageType = list(image_type)
         ds.PatientID = patient_id
         ds.PatientName = "Doe^Jane"
@@ -66,7 +69,7 @@ def test_scan_ignores_localizer_and_orders_along_normal(tmp_path):
     assert len(scan.series) == 2 and scan.skipped == []
     sel = select_thigh_series(scan.series, ["^AX_T1_THIGH$"])
     assert sel.series is not None and sel.series.description == "AX_T1_THIGH"
-    assert [r for _, r in sel.rejected] == ["localizer (ImageType)"]
+    assert [r for _, r in sel.rejected] == ["localizer"]
     volume, geom = load_volume(sel.series)
     assert volume.dtype == np.float32 and volume.shape == (7, 64, 64)
     # increasing z along the normal = reverse InstanceNumber order: values 70, 60, ..., 10
@@ -78,7 +81,8 @@ def test_scan_ignores_localizer_and_orders_along_normal(tmp_path):
 def test_localizer_without_imagetype_rejected_by_orientation(tmp_path):
     write_series(tmp_path / "loc", n=3, description="AX_T1_THIGH", orientation=CORONAL)
     sel = select_thigh_series(scan_tree(tmp_path).series, ["AX_T1_THIGH"])
-    assert sel.series is None and "not axial" in sel.note
+    assert sel.series is None and [r for _, r in sel.rejected] == ["wrong_orientation"]
+    assert "wrong_orientation" in sel.note and "[0.0, 1.0, 0.0]" in sel.note
 
 
 def test_description_pattern_is_configurable(tmp_path):
@@ -110,6 +114,7 @@ def test_non_dicom_and_truncated_files_reported_not_fatal(tmp_path):
     scan = scan_tree(tmp_path)
     assert len(scan.series) == 1 and scan.series[0].n_files == 5
     assert sorted(s.reason for s in scan.skipped) == ["not a DICOM file"] * 2
+    assert {s.category for s in scan.skipped} == {"not_dicom"}
     # Truncate one slice inside its pixel data: the header still reads, the volume must not.
     data = paths[2].read_bytes()
     paths[2].write_bytes(data[: len(data) - 4000])
@@ -124,7 +129,7 @@ def test_truncated_header_is_skipped(tmp_path):
     paths[0].write_bytes(paths[0].read_bytes()[:200])
     scan = scan_tree(tmp_path)
     assert scan.series[0].n_files == 3
-    assert len(scan.skipped) == 1
+    assert len(scan.skipped) == 1 and scan.skipped[0].category in REASONS
 
 
 def test_inconsistent_geometry_raises(tmp_path):
@@ -137,8 +142,9 @@ def test_inconsistent_geometry_raises(tmp_path):
         load_volume(scan_tree(tmp_path).series[0])
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9, 0.43589]
     ds.save_as(paths[3])
-    with pytest.raises(DicomSeriesError, match="orientation"):
+    with pytest.raises(DicomSeriesError, match="orientation") as err:
         load_volume(scan_tree(tmp_path).series[0])
+    assert err.value.reason == "inconsistent_geometry"
 
 
 def test_read_thigh_volume_convenience(tmp_path):
@@ -146,5 +152,72 @@ def test_read_thigh_volume_convenience(tmp_path):
     write_series(tmp_path / "1", n=2, description="MP_LOCATOR_THIGH", orientation=CORONAL)
     volume, geom, sel = read_thigh_volume(tmp_path, ["AX_T1_THIGH"])
     assert volume.shape == (6, 64, 64) and volume[0, 0, 0] == 60
-    with pytest.raises(DicomSeriesError, match="no axial thigh series"):
+    with pytest.raises(DicomSeriesError, match="no axial thigh series") as err:
         read_thigh_volume(tmp_path, ["NO_SUCH_SERIES"])
+    assert err.value.reason == "no_thigh_series"
+
+
+def test_rejection_reasons_are_categories(tmp_path):
+    write_series(tmp_path / "sag", n=6, description="AX_T1_THIGH", orientation=SAGITTAL,
+                 series_number=2, seed=1)
+    write_series(tmp_path / "cor", n=6, description="T1 THIGH", orientation=CORONAL,
+                 series_number=4, seed=2)
+    write_series(tmp_path / "short", n=4, series_number=5, seed=3)
+    write_series(tmp_path / "knee", n=6, description="SAG_3D_DESS_KNEE", series_number=6,
+                 seed=4)
+    sel = select_thigh_series(scan_tree(tmp_path).series, ["THIGH"], min_slices=5)
+    assert sel.series is None
+    assert sorted(r for _, r in sel.rejected) == ["description_mismatch", "too_few_slices",
+                                                  "wrong_orientation", "wrong_orientation"]
+    assert set(r for _, r in sel.rejected) <= set(SERIES_REJECTIONS)
+    assert sel.reason == "too_few_slices"  # the closest miss
+    assert "too_few_slices (4 < 5)" in sel.note and "description_mismatch" in sel.note
+    # without the minimum the short series is the only candidate
+    assert select_thigh_series(scan_tree(tmp_path).series, ["THIGH"]).series.n_files == 4
+    with pytest.raises(DicomSeriesError, match="no axial thigh series") as err:
+        read_thigh_volume(tmp_path / "sag", ["THIGH"])
+    assert err.value.reason == "wrong_orientation"
+
+
+def test_several_candidates_tie_broken_by_series_number_then_time(tmp_path):
+    write_series(tmp_path / "a", n=5, series_number=3, seed=1, series_time="101500")
+    write_series(tmp_path / "b", n=5, series_number=3, seed=2, series_time="103000")
+    write_series(tmp_path / "c", n=5, series_number=2, seed=3, series_time="110000")
+    sel = select_thigh_series(scan_tree(tmp_path).series, ["THIGH"])
+    assert sel.series.series_time == "20050301103000"
+    assert "3 candidates; chose series number 3 (5 files)" in sel.note
+    assert "most files, then highest series number, then latest series time" in sel.note
+
+
+def test_long_stack_loads_all_slices_in_order(tmp_path):
+    # A 30-slice prescription: every slice is loaded in order; the recipe keeps the centre.
+    write_series(tmp_path, n=30, dz=5.0)
+    volume, geom = load_volume(scan_tree(tmp_path).series[0])
+    assert volume.shape[0] == 30 and volume[:, 0, 0].tolist() == [10 * (k + 1)
+                                                                   for k in range(30)]
+    assert geom.positions[-1] - geom.positions[0] == pytest.approx(145.0)
+
+
+def test_truncated_and_empty_pixel_data_are_categorised(tmp_path):
+    paths = write_series(tmp_path / "cut", n=3, dz=5.0)
+    paths[1].write_bytes(paths[1].read_bytes()[:-4000])
+    with pytest.raises(DicomSeriesError) as err:
+        load_volume(scan_tree(tmp_path / "cut").series[0])
+    assert err.value.reason == "truncated"
+    paths = write_series(tmp_path / "empty", n=3, dz=5.0, seed=5)
+    ds = pydicom.dcmread(paths[0])
+    ds.PixelData = b""
+    ds.save_as(paths[0])
+    with pytest.raises(DicomSeriesError, match="empty") as err:
+        load_volume(scan_tree(tmp_path / "empty").series[0])
+    assert err.value.reason == "no_pixel_data"
+    del ds.PixelData
+    ds.save_as(paths[0])
+    with pytest.raises(DicomSeriesError) as err:
+        decode_file(paths[0])
+    assert err.value.reason == "no_pixel_data"
+    (tmp_path / "text").write_text("not dicom at all")
+    with pytest.raises(DicomSeriesError) as err:
+        decode_file(tmp_path / "text")
+    assert err.value.reason == "not_dicom"
+    assert err.value.reason in REASONS

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.preprocess import Recipe, apply_recipe, resize_slice, select_stack
+from data_prep.preprocess import (Recipe, TooFewSlicesError, apply_recipe, resize_slice,
+                                 select_stack)
 
 
 def test_select_stack_central():
@@ -63,3 +64,21 @@ def test_resize_is_antialiased():
     half[:, :64] = 1
     small = resize_slice(half, (32, 64))
     assert small[:, :28].min() > 0.9 and small[:, 36:].max() < 0.1
+
+
+def test_long_stack_keeps_central_slices_and_too_few_is_categorised():
+    # 30 slices, slice k filled with k: the central 15 are 7..21 and stats say where.
+    volume = np.broadcast_to(np.arange(30, dtype=np.float32)[:, None, None], (30, 8, 16))
+    volume = volume + np.linspace(0, 0.5, 16, dtype=np.float32)  # some in-slice contrast
+    out, stats = apply_recipe(volume, Recipe(n_slices=15, size=(8, 16), p_low=0, p_high=100))
+    assert stats["slice_start"] == 7 and stats["n_available"] == 30
+    means = out.reshape(15, -1).mean(axis=1)
+    assert np.all(np.diff(means) > 0)  # order kept
+    assert out[0].min() == 0 and out[-1].max() == 65535  # 7.0 -> 0, 21.5 -> 65535
+    with pytest.raises(TooFewSlicesError, match="has 10 slices") as err:
+        apply_recipe(volume[:10], Recipe(n_slices=15, size=(8, 16)))
+    assert err.value.reason == "too_few_slices" and isinstance(err.value, ValueError)
+    # the recipe is plain data: stored as a dict, rebuilt identically for prediction
+    recipe = Recipe(n_slices=15, size=(8, 16), p_low=1.0, p_high=99.0)
+    again, _ = apply_recipe(volume, Recipe.from_dict(recipe.to_dict()))
+    assert np.array_equal(again, apply_recipe(volume, recipe)[0])
