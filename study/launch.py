@@ -82,7 +82,7 @@ def run_grid(grid: GridConfig, store, plans: list[CellPlan], *, tracking_uri: st
     from study.trainable import CellContext
 
     client = MlflowClient(tracking_uri)
-    exp_id = tracking.get_or_create_experiment(client, grid.name)
+    exp_id = tracking.get_or_create_experiment(client, grid.name, grid.question)
     launch_name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     parent = tracking.create_run(client, exp_id, name=launch_name, run_type="launch",
                                  tags={"question": grid.question, "grid_file": grid.source,

@@ -43,13 +43,19 @@ def code_version() -> str:
         return "unknown"
 
 
-def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+def get_or_create_experiment(client: MlflowClient, name: str, description: str | None = None) -> str:
+    """The grid's experiment, shown in the UI's model-training view (runs table), not the GenAI one."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
+    if exp is None:
+        exp_id = client.create_experiment(name)
+    else:
+        exp_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    return client.create_experiment(name)
+            client.restore_experiment(exp_id)
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    if description:
+        client.set_experiment_tag(exp_id, "mlflow.note.content", description)
+    return exp_id
 
 
 def create_run(client: MlflowClient, experiment_id: str, *, name: str, run_type: str,
