@@ -8,18 +8,30 @@
     python data_prep/build_store.py --verify data/demo.zarr
 
 Each folder directly under the DICOM root (after the spec's visit folder, e.g. `00m`) is one
-participant. Participants without a usable axial thigh series or without a table row are
-listed in the store's `ingest_problems` and skipped. Nothing printed names a participant by
-anything but its pseudonym.
+participant. Every unusable file or participant (reasons: store.REASONS) is listed in the
+store's `ingest_problems` and in `<store>.ingest_report.csv`, and the build goes on. Nothing
+printed names a participant by anything but its pseudonym.
+
+Participants are read in parallel (`--workers` processes, at most 2 x workers in flight) and
+written in sorted folder order by this process alone: the store and its content hash are the
+same for any worker count. Interrupted (killed, crashed)? Rerun the same command: it resumes
+from the store's journal and skips finished participants. The store is marked complete only
+at the very end; until then `open_store` refuses it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
+import itertools
+import json
 import os
+import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, builtin_specs,
@@ -37,49 +50,90 @@ from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, builtin_sp
 from data_prep.dicom_series import (DicomSeriesError, load_volume, scan_tree,
                                     select_thigh_series)
 from data_prep.preprocess import Recipe, apply_recipe
-from data_prep.store import (SaltError, StoreError, StoreWriter, load_salt, pseudonym,
+from data_prep.store import (SaltError, StoreError, StoreWriter, ingest_report_path,
+                             load_salt, open_store, pseudonym, read_journal, slice_digests,
                              verify_store)
+
+# Seconds to pause after each participant is journaled: lets tests interrupt a build midway.
+DELAY_ENV = "THIGHMRI_INGEST_DELAY_S"
 
 
 @dataclass
 class ParticipantResult:
+    """What a worker returns for one participant folder. Holds PHI in memory only."""
+
     folder: str  # folder name under the DICOM root (PHI: in memory only)
-    key: str | None  # PatientID from the chosen series (PHI: in memory only)
+    key: str | None  # PatientID of the chosen series, else None (PHI: in memory only)
+    keys_seen: list[str] = field(default_factory=list)  # every PatientID in the folder (PHI)
     images: np.ndarray | None = None
     stats: dict[str, Any] | None = None
-    problems: list[dict[str, Any]] = field(default_factory=list)  # reason, detail, fatal
+    spacing: tuple[float, float] | None = None  # stored pixel spacing (row, col), mm
+    digests: list[str] | None = None  # sha256 per stored slice (hashing off the writer)
+    # problems: reason (one of store.REASONS), detail, file (index into the folder's sorted
+    # file list, or None for the participant), fatal (participant skipped)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+
+def classify_series_error(message: str) -> str:
+    """A reason category (store.REASONS) for a load_volume / apply_recipe error message."""
+    m = message.lower()
+    if "less than expected" in m or "truncat" in m or "cannot be read" in m:
+        return "truncated"
+    if "no pixel data" in m:
+        return "no_pixel_data"
+    if "cannot be decoded" in m or "nan or infinite" in m:
+        return "undecodable"
+    if "the recipe needs" in m:
+        return "too_few_slices"
+    return "inconsistent_geometry"  # size, orientation, spacing, positions, frames
+
+
+def _file_problem_reason(reason: str) -> str:
+    r = reason.lower()
+    if r.startswith("not a dicom"):
+        return "not_dicom"
+    if "unreadable" in r:
+        return "truncated"
+    return "no_pixel_data"  # DICOM without image geometry (DICOMDIR, reports, ...)
 
 
 def process_participant(folder: Path, patterns: list[str], recipe: Recipe) -> ParticipantResult:
     """Scan one participant's folder, pick and load the thigh series, apply the recipe."""
     scan = scan_tree(folder)
-    result = ParticipantResult(folder=folder.name, key=None)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    index = {p: i for i, p in enumerate(files)}
+    result = ParticipantResult(folder=folder.name, key=None,
+                               keys_seen=sorted({s.patient_key for s in scan.series
+                                                 if s.patient_key}))
     for s in scan.skipped:
-        result.problems.append({"reason": f"file skipped: {s.reason}", "detail": "", "fatal": False})
+        result.problems.append({"reason": _file_problem_reason(s.reason), "detail": s.reason,
+                                "file": index.get(s.path), "fatal": False})
     selection = select_thigh_series(scan.series, patterns)
     if selection.series is None:
-        result.problems.append({"reason": "no axial thigh series", "detail": selection.note,
+        regexes = [re.compile(p, re.IGNORECASE) for p in patterns]
+        tilted = [s for s, why in selection.rejected if why.startswith("not axial")
+                  and any(r.search(s.description) for r in regexes)]
+        reason = "wrong_orientation" if tilted else "no_thigh_series"
+        result.problems.append({"reason": reason, "detail": selection.note, "file": None,
                                 "fatal": True})
         return result
     series = selection.series
     result.key = series.patient_key or folder.name
-    if len(selection.candidates) > 1:
-        result.problems.append({"reason": "several thigh series", "detail": selection.note,
-                                "fatal": False})
-    keys = {s.patient_key for s in scan.series}
-    if len(keys) > 1:
-        result.problems.append({"reason": "several PatientIDs in one folder",
-                                "detail": f"{len(keys)} distinct IDs; used the thigh series'",
-                                "fatal": False})
     try:
-        volume, _ = load_volume(series)
+        volume, geometry = load_volume(series)
         result.images, result.stats = apply_recipe(volume, recipe)
+        result.digests = slice_digests(result.images)
+        rows, cols = geometry.shape[1:]
+        result.spacing = (geometry.pixel_spacing[0] * rows / recipe.size[0],
+                          geometry.pixel_spacing[1] * cols / recipe.size[1])
     except (DicomSeriesError, ValueError) as exc:
-        detail = str(exc)
-        for i, path in enumerate(sorted(series.files)):  # file names may embed UIDs
-            detail = detail.replace(path.name, f"file#{i}")
-        result.problems.append({"reason": "unusable thigh series", "detail": detail,
-                                "fatal": True})
+        detail, bad_file = str(exc), None
+        for path in sorted(series.files, key=lambda p: -len(p.name)):  # names may embed UIDs
+            if path.name in detail:
+                bad_file = index.get(path) if bad_file is None else bad_file
+                detail = detail.replace(path.name, f"file#{index.get(path)}")
+        result.problems.append({"reason": classify_series_error(str(exc)), "detail": detail,
+                                "file": bad_file, "fatal": True})
     return result
 
 
@@ -87,65 +141,102 @@ def _process(args: tuple[Path, list[str], Recipe]) -> ParticipantResult:
     return process_participant(*args)
 
 
+def _ordered_results(jobs: list[tuple], workers: int) -> Iterator[ParticipantResult]:
+    """Results in job order; at most 2 x workers participants in flight (bounded memory)."""
+    if workers <= 1:
+        yield from map(_process, jobs)
+        return
+    window = 2 * workers
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        pending: deque = deque()
+        it = iter(jobs)
+        for job in itertools.islice(it, window):
+            pending.append(pool.submit(_process, job))
+        while pending:
+            result = pending.popleft().result()
+            for job in itertools.islice(it, 1):
+                pending.append(pool.submit(_process, job))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def build_key(*, spec: CohortSpec, recipe: Recipe, salt: bytes, folder_ids: list[str],
+              table: pd.DataFrame) -> str:
+    """Fingerprint of one build's inputs: a rerun resumes only when it is unchanged.
+
+    "<cohort>:<hmac>" over recipe, DICOM conventions, the participant folders (as
+    pseudonyms) and the canonical table; keyed with the salt so it reveals nothing.
+    """
+    h = hmac.new(salt, digestmod=hashlib.sha256)
+    h.update(json.dumps({"recipe": recipe.to_dict(), "dicom": spec.dicom, "spec": spec.source,
+                         "folders": folder_ids}, sort_keys=True, default=str).encode())
+    h.update(table.sort_index().to_csv().encode())
+    return f"{spec.name}:{h.hexdigest()[:32]}"
+
+
 def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Recipe,
           salt: bytes, workers: int = 1, append: bool = False, overwrite: bool = False,
-          progress: bool = True) -> dict[str, Any]:
-    """Ingest one cohort into the store at `out`; returns the build summary."""
+          resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Ingest one cohort into the store at `out`; returns the build summary.
+
+    Participants are processed in sorted folder order (in parallel with `workers`
+    processes) and written in that order by this process alone, so the store is identical
+    for any worker count. A rerun after an interruption resumes from the store's journal.
+    """
     t0 = time.perf_counter()
     table, table_report = load_cohort_table(spec, tables)
     root = dicom / spec.visit_folder if spec.visit_folder else dicom
     folders = sorted(p for p in root.iterdir() if p.is_dir())
-    stray = [p for p in root.iterdir() if p.is_file()]
+    folder_ids = [pseudonym(salt, spec.name, f.name) for f in folders]
+    stray = sorted(p for p in root.iterdir() if p.is_file())
     problems: list[dict[str, Any]] = [
-        {"source": "<dicom root>", "reason": "file outside participant folders", "detail": "",
-         "skipped": True} for _ in stray]
+        {"source": f"<dicom root>/file#{i}", "reason": "not_dicom",
+         "detail": "file outside participant folders", "skipped": False}
+        for i, _ in enumerate(stray)]
 
-    writer = (StoreWriter.append(out, recipe) if append
-              else StoreWriter.create(out, recipe, overwrite=overwrite))
-    jobs = [(f, spec.description_patterns, recipe) for f in folders]
-    if workers > 1:
-        pool = ProcessPoolExecutor(max_workers=workers)
-        results = pool.map(_process, jobs, chunksize=1)
-    else:
-        pool, results = None, map(_process, jobs)
-    ingested_keys: set[str] = set()
+    key = build_key(spec=spec, recipe=recipe, salt=salt, folder_ids=folder_ids, table=table)
+    writer = StoreWriter.start(out, recipe, build_key=key, append=append, overwrite=overwrite,
+                               resume=resume)
+    done = writer.entries
+    if [e["folder"] for e in done] != folder_ids[:len(done)]:
+        raise StoreError(f"{out}: the build journal does not match the participant folders; "
+                         "pass --overwrite (or --no-resume) to start again")
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    jobs = [(f, spec.description_patterns, recipe) for f in folders[len(done):]]
+    results = _ordered_results(jobs, workers)
+    bar = tqdm(total=len(folders), initial=len(done), desc=f"ingest {spec.name}",
+               unit="participant", file=sys.stderr, disable=not progress)
     try:
-        for res in tqdm(results, total=len(jobs), desc=f"ingest {spec.name}", unit="participant",
-                        file=sys.stderr, disable=not progress):
-            key = res.key if res.key is not None else res.folder
-            pid = pseudonym(salt, spec.name, key)
-            fatal = False
-            for p in res.problems:
-                problems.append({"source": pid, "reason": p["reason"], "detail": p["detail"],
-                                 "skipped": p["fatal"]})
-                fatal |= p["fatal"]
-            if fatal:
-                continue
-            if key not in table.index:
-                problems.append({"source": pid, "reason": "no table row", "detail": "",
-                                 "skipped": True})
-                continue
-            if writer.has_subject(pid):
-                problems.append({"source": pid, "reason": "already in the store", "detail": "",
-                                 "skipped": True})
-                continue
-            row = table.loc[key].to_dict()
-            row.update(subject_id=pid, cohort=spec.name)
-            writer.add_subject(row, res.images, res.stats)
-            ingested_keys.add(key)
+        for res in results:
+            entry = _entry(res, salt, spec, table, writer)
+            writer.add(entry, res.images if entry.get("row") else None, res.stats, res.digests)
+            bar.update(1)
+            if delay:
+                time.sleep(delay)
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        bar.close()
+        results.close()  # shuts the pool down when the loop is left early
 
-    ingested = table.loc[sorted(ingested_keys)]
+    for e in writer.entries:
+        problems += e["problems"]
+    seen = {k for e in writer.entries for k in e["keys"]}
+    for k in sorted(table.index):
+        pid = pseudonym(salt, spec.name, k)
+        if pid not in seen:
+            problems.append({"source": pid, "reason": "table_only",
+                             "detail": "table row without a DICOM folder", "skipped": True})
+    ingested = [e["row"] for e in writer.entries if e.get("row")]
+    fields = ("sex", "age", "bmi", *MEASURES, "exercise")
     summary = {
         "spec": spec.source, "visit_folder": spec.visit_folder,
         "series_description": spec.description_patterns,
         "n_table_rows": int(len(table)), "n_participant_folders": len(folders),
-        "n_ingested": len(ingested_keys), "n_slices": len(ingested_keys) * recipe.n_slices,
-        "n_table_rows_without_images": int(len(table)) - len(ingested_keys),
-        "measures_non_missing": {m: int(ingested[m].notna().sum())
-                                 for m in ("sex", "age", "bmi", *MEASURES, "exercise")},
+        "n_ingested": len(ingested), "n_slices": len(ingested) * recipe.n_slices,
+        "n_table_rows_without_images": int(len(table)) - len(ingested),
+        "measures_non_missing": {m: sum(r.get(m) is not None and r.get(m) == r.get(m)
+                                        for r in ingested) for m in fields},
         "table_report": table_report,
     }
     provenance = {
@@ -153,12 +244,51 @@ def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Rec
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": _code_version(),
     }
+    n_resumed = writer.n_resumed
     digest = writer.finish(cohort=spec.name, cohort_summary=summary, ingest_problems=problems,
                            provenance=provenance)
     summary.update(content_hash=digest, seconds=round(time.perf_counter() - t0, 2),
                    problems_by_reason=dict(Counter(p["reason"] for p in problems)),
-                   store_subjects=len(writer.rows), store_slices=writer.n_slices)
+                   n_resumed=n_resumed, n_processed=len(jobs),
+                   store_subjects=len(writer.rows), store_slices=writer.n_slices,
+                   ingest_report=str(ingest_report_path(out)))
     return summary
+
+
+def _entry(res: ParticipantResult, salt: bytes, spec: CohortSpec, table: pd.DataFrame,
+           writer: StoreWriter) -> dict[str, Any]:
+    """The journal entry (pseudonyms only) for one participant's result."""
+    folder_pid = pseudonym(salt, spec.name, res.folder)
+    key = res.key if res.key is not None else res.folder
+    pid = pseudonym(salt, spec.name, key)
+    keys = sorted({pseudonym(salt, spec.name, k) for k in (*res.keys_seen, res.folder)})
+    problems = [{"source": pid if p["file"] is None else f"{pid}/file#{p['file']}",
+                 "reason": p["reason"], "detail": p["detail"], "skipped": p["fatal"]}
+                for p in res.problems]
+    entry: dict[str, Any] = {"folder": folder_pid, "keys": keys, "problems": problems}
+    if any(p["fatal"] for p in res.problems):
+        return entry
+    if key not in table.index:
+        problems.append({"source": pid, "reason": "no_table_row",
+                         "detail": "no row with this key in the cohort tables", "skipped": True})
+        return entry
+    if writer.has_subject(pid):
+        problems.append({"source": pid, "reason": "duplicate",
+                         "detail": "already in the store (same cohort and key)", "skipped": True})
+        return entry
+    row = {c: _json_value(v) for c, v in table.loc[key].to_dict().items()}
+    row.update(subject_id=pid, cohort=spec.name, pixel_spacing_row_mm=float(res.spacing[0]),
+               pixel_spacing_col_mm=float(res.spacing[1]))
+    entry["row"] = row
+    return entry
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)):
+        return None if np.isnan(v) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
 
 
 def _code_version() -> str:
@@ -191,19 +321,50 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="parallel processes reading DICOM (default: min(4, CPUs))")
     p.add_argument("--append", action="store_true", help="add this cohort to an existing store")
+    p.add_argument("--no-resume", action="store_true",
+                   help="do not resume an interrupted build of the same inputs (needs "
+                        "--overwrite for a new store); by default a rerun resumes")
+    p.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="override the spec's column for a canonical field (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verify", type=Path, metavar="STORE", help="check a store and exit")
     return p
 
 
+def _resumable(out: Path) -> bool:
+    """True when `out` holds an interrupted build (incomplete, with a journal)."""
+    header, _ = read_journal(out)
+    if header is None:
+        return False
+    try:
+        open_store(out)
+    except StoreError:
+        return True
+    return False
+
+
+def _apply_columns(spec: CohortSpec, overrides: list[str]) -> CohortSpec:
+    """--column FIELD=COLUMN via data_prep.cohorts.apply_column_overrides."""
+    from data_prep import cohorts
+
+    apply = getattr(cohorts, "apply_column_overrides", None)
+    if apply is None:
+        raise ValueError("--column needs data_prep.cohorts.apply_column_overrides, which this "
+                         "version lacks; edit a copy of the cohort spec YAML instead")
+    return apply(spec, overrides)
+
+
 def _print_summary(s: dict[str, Any], out: Path) -> None:
+    if s["n_resumed"]:
+        print(f"resumed an interrupted build: {s['n_resumed']} participants were already "
+              f"done, {s['n_processed']} processed now")
     print(f"store {out}: {s['store_subjects']} subjects, {s['store_slices']} slices in total")
     print(f"this build ({s['spec']}): {s['n_ingested']} participants ingested, "
           f"{s['n_slices']} slices, from {s['n_participant_folders']} DICOM folders and "
           f"{s['n_table_rows']} table rows ({s['n_table_rows_without_images']} rows not ingested)")
     if s["problems_by_reason"]:
-        print("problems (see the store's ingest_problems):")
+        print(f"problems (details: {s['ingest_report']}, and the store's ingest_problems):")
         for reason, n in sorted(s["problems_by_reason"].items()):
             print(f"  {n:5d}  {reason}")
     print("non-missing values among ingested participants:")
@@ -237,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = load_spec(args.cohort)
         except CohortSpecError as exc:
             errors.append(str(exc))
+    if spec is not None and args.column:
+        try:
+            spec = _apply_columns(spec, args.column)
+        except (CohortSpecError, ValueError) as exc:
+            errors.append(str(exc))
     if spec is not None and spec.visit_folder and args.dicom is not None and args.dicom.is_dir():
         if not (args.dicom / spec.visit_folder).is_dir():
             errors.append(f"visit folder {spec.visit_folder!r} (from the {spec.name} spec) not "
@@ -259,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             errors.append("--append and --overwrite exclude each other")
         elif args.append and not args.out.exists():
             errors.append(f"--append: {args.out} does not exist")
-        elif not args.append and args.out.exists() and not args.overwrite:
+        elif (not args.append and args.out.exists() and not args.overwrite
+              and (args.no_resume or not _resumable(args.out))):
             errors.append(f"--out {args.out} exists: pass --append to add a cohort or "
                           "--overwrite to replace it")
         if not args.out.parent.is_dir():
@@ -275,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = build(dicom=args.dicom, tables=args.tables, spec=spec, out=args.out,
                         recipe=recipe, salt=salt, workers=args.workers, append=args.append,
-                        overwrite=args.overwrite, progress=not args.no_progress)
+                        overwrite=args.overwrite, resume=not args.no_resume,
+                        progress=not args.no_progress)
     except (StoreError, CohortSpecError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -5,12 +5,16 @@
     store.subjects, store.subject_images(0), store.recipe, store.content_hash
     problems = verify_store("data/demo.zarr")     # [] when all is well
 
-Layout: root attributes (schema_version, complete, recipe, measures, cohorts, counts,
-ingest_problems, content_hash, provenance); arrays `images` uint16 (n, rows, cols) one chunk
-per slice, `slice_subject` int32, `slice_position` int16; group `subjects` with one 1-D array
-per numeric column and the string columns (pseudonym, cohort, sex) in its attributes; group
+Layout (ARCHITECTURE.md "Zarr store"): root attributes (schema_version, complete, recipe,
+measures, cohorts, counts, ingest_problems, content_hash, provenance); arrays `images` uint16
+(n, rows, cols) one chunk per slice, `slice_subject` int32, `slice_position` int16,
+`slice_digest` uint8 (n, 32) sha256 per slice; group `subjects` with one 1-D array per numeric
+column and the string columns (pseudonym, cohort, sex) in its attributes; group
 `normalisation` with the per-subject intensity window (`intensity_low`, `intensity_high`).
-No PHI: subjects are known only by a salted HMAC pseudonym; the salt never enters the store.
+While a build runs, `build_journal.jsonl` in the store records finished participants so that
+a rerun resumes (StoreWriter). The ingest report CSV lies beside the store
+(`ingest_report_path`). No PHI: subjects are known only by a salted HMAC pseudonym; the salt
+never enters the store.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,16 +35,27 @@ import zarr
 from data_prep.cohorts import MEASURES
 from data_prep.preprocess import Recipe
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: pixel spacing columns in the subjects table
 SALT_ENV = "THIGHMRI_SALT"
 MIN_SALT_CHARS = 16
 
 STRING_COLUMNS = ("subject_id", "cohort", "sex")
 FLOAT_COLUMNS = ("age", "bmi", *MEASURES, "exercise")
+# Pixel spacing of the stored (resized) images, mm: original spacing x original size / size.
+SPACING_COLUMNS = ("pixel_spacing_row_mm", "pixel_spacing_col_mm")
 INT_COLUMNS = ("slice_start", "slice_count")
-SUBJECT_COLUMNS = (*STRING_COLUMNS, *FLOAT_COLUMNS, *INT_COLUMNS)
+SUBJECT_COLUMNS = (*STRING_COLUMNS, *FLOAT_COLUMNS, *SPACING_COLUMNS, *INT_COLUMNS)
 NORM_COLUMNS = ("intensity_low", "intensity_high")
 HASH_BLOCK = 256  # slices read at a time when hashing images
+JOURNAL = "build_journal.jsonl"  # inside the store while a build or append is unfinished
+IMAGE_COMPRESSOR = "auto"  # zarr's default for uint16 (zstd)
+# Ingest report: one row per unusable file or participant. `source` is a pseudonym, or
+# "<pseudonym>/file#k" (k-th file in sorted path order under the participant's folder);
+# `skipped` is True when the participant was left out, False for a file-level problem.
+REPORT_COLUMNS = ("cohort", "source", "reason", "detail", "skipped")
+REASONS = ("not_dicom", "truncated", "no_pixel_data", "undecodable", "inconsistent_geometry",
+           "wrong_orientation", "too_few_slices", "no_thigh_series", "no_table_row",
+           "table_only", "duplicate")
 
 
 class StoreError(RuntimeError):
@@ -86,101 +102,191 @@ def pseudonym(salt: bytes, cohort: str, key: str) -> str:
 
 # ---------------------------------------------------------------- writing
 class StoreWriter:
-    """Streams subjects into a store; `finish()` writes the table, hash and `complete` last.
+    """Streams subjects into a store, resumably; `finish()` writes `complete` last.
 
-    Use `StoreWriter.create(path, recipe)` for a new store or `StoreWriter.append(path,
-    recipe)` to add another cohort to a complete store with the same recipe. Until
-    `finish()` the store's `complete` attribute is False, so a crash leaves a store that
-    `open_store` refuses.
+    `StoreWriter.start(path, recipe, build_key=..., append=...)` creates a store, prepares an
+    append to a complete one, or resumes an interrupted build of the same `build_key` (a
+    fingerprint of cohort, recipe, inputs and salt chosen by the caller). Progress lives in
+    the journal `<store>/build_journal.jsonl`: a header line (the build key and, for an
+    append, the store's previous table and attributes) and one line per participant folder,
+    appended and fsynced after that participant's slices are on disk. Image chunks are the
+    only data written before `finish()`; the slice index arrays, tables and attributes are
+    rewritten from the journal by `finish()`, so a kill at any point (even inside finish)
+    leaves a store that `open_store` refuses and the next `start` completes, with the
+    previous cohorts' slices untouched. The journal holds pseudonyms only (no PHI).
     """
 
-    def __init__(self, root: zarr.Group, recipe: Recipe, rows: list[dict], norm: list[dict]):
+    def __init__(self, path: Path, root: zarr.Group, recipe: Recipe, header: dict,
+                 entries: list[dict]):
+        self.path = path
         self.root = root
         self.recipe = recipe
-        self.rows = rows
-        self.norm = norm
-        # Runtime config is not persisted: re-apply it on every open for writing.
+        self.header = header
+        self.entries = entries  # journaled participant entries of this build, in order
+        self.n_resumed = len(entries)
+        base = header["base"]
+        self.rows = [dict(r) for r in base["rows"]]
+        self.norm = [dict(r) for r in base["norm"]]
+        for e in entries:
+            if e.get("slice_count"):
+                self.rows.append(dict(e["row"], slice_start=e["slice_start"],
+                                      slice_count=e["slice_count"]))
+                self.norm.append(dict(e["norm"]))
+        self.n_slices = int(base["n_slices"]) + sum(int(e.get("slice_count") or 0)
+                                                    for e in entries)
+        # sha256 of every slice's bytes, in store order: the content hash is built from
+        # these, so finish() need not read the images back
+        self.digests = list(base.get("digests", [])) + [d for e in entries
+                                                        for d in e.get("digests", [])]
+        self._ids = {r["subject_id"] for r in self.rows}
+        # Runtime config is not persisted: re-apply it on every open for writing. Empty
+        # chunks are written too, so a missing chunk always means "never written".
         self.images = root["images"].with_config({"write_empty_chunks": True})
-        self.slice_subject = root["slice_subject"].with_config({"write_empty_chunks": True})
-        self.slice_position = root["slice_position"].with_config({"write_empty_chunks": True})
-        self.n_slices = int(self.images.shape[0])
-        self._ids = {r["subject_id"] for r in rows}
+        if self.images.shape[0] != self.n_slices:
+            # slices of a participant that was not journaled before the kill: drop them
+            self.images.resize((self.n_slices, *recipe.size))
+        self._journal = open(path / JOURNAL, "a", encoding="utf-8")
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / JOURNAL
 
     @classmethod
-    def create(cls, path: str | os.PathLike, recipe: Recipe, *, overwrite: bool = False
-               ) -> StoreWriter:
+    def start(cls, path: str | os.PathLike, recipe: Recipe, *, build_key: str,
+              append: bool = False, overwrite: bool = False, resume: bool = True
+              ) -> StoreWriter:
+        """Create, append to, or resume the store at `path` (see the class docstring).
+
+        Raises:
+            StoreError: the store exists (create without overwrite), is incomplete with a
+                journal of another build, or has a different recipe (append).
+        """
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise StoreError(f"{path} exists; remove it, pass overwrite, or append to it")
-        root = zarr.open_group(str(path), mode="w")
-        root.attrs.update({"schema_version": SCHEMA_VERSION, "complete": False,
-                           "recipe": recipe.to_dict()})
-        rows, cols = recipe.size
-        # One chunk per slice: training reads random slices. Empty chunks are written too,
-        # so that a missing chunk always means "never written" (see verify_store).
-        cfg = {"write_empty_chunks": True}
-        root.create_array("images", shape=(0, rows, cols), chunks=(1, rows, cols),
-                          dtype="uint16", fill_value=0, config=cfg)
-        root.create_array("slice_subject", shape=(0,), chunks=(65536,), dtype="int32",
-                          fill_value=-1, config=cfg)
-        root.create_array("slice_position", shape=(0,), chunks=(65536,), dtype="int16",
-                          fill_value=-1, config=cfg)
-        return cls(root, recipe, [], [])
-
-    @classmethod
-    def append(cls, path: str | os.PathLike, recipe: Recipe) -> StoreWriter:
-        store = open_store(path)  # must be complete: never append onto a half-written store
-        if store.recipe != recipe:
-            raise StoreError(
-                f"Cannot append: the store's recipe {store.recipe.to_dict()} differs from "
-                f"this build's {recipe.to_dict()}. One store holds one recipe; build a new store.")
-        root = zarr.open_group(str(Path(path)), mode="r+")
-        root.attrs["complete"] = False
-        rows = store.subjects.to_dict("records")
-        for r in rows:
-            r["sex"] = r["sex"] if isinstance(r["sex"], str) else None
-        norm = store.normalisation.to_dict("records")
-        return cls(root, recipe, rows, norm)
+        header, entries = read_journal(path)
+        if header is not None:
+            attrs = _root_attrs(path)
+            interrupted = attrs is not None and attrs.get("complete") is not True
+            same = header.get("build_key") == build_key and header.get("append") == append
+            if interrupted and same and resume:
+                root = zarr.open_group(str(path), mode="r+")
+                return cls(path, root, recipe, header, entries)
+            if interrupted and not overwrite:
+                what = "an append" if header.get("append") else "a build"
+                raise StoreError(
+                    f"{path} holds {what} of cohort {header.get('cohort')!r} that was "
+                    "interrupted, with other inputs or settings than this one. Rerun that "
+                    "command to finish it (it resumes), or pass --overwrite to start again"
+                    + (" (the store's previous cohorts are then lost)." if header.get("append")
+                       else "."))
+        if append:
+            store = open_store(path)  # must be complete: never append onto a half-written store
+            if store.recipe != recipe:
+                raise StoreError(
+                    f"Cannot append: the store's recipe {store.recipe.to_dict()} differs from "
+                    f"this build's {recipe.to_dict()}. One store holds one recipe; build a "
+                    "new store.")
+            rows = _jsonable_rows(store.subjects)
+            norm = _jsonable_rows(store.normalisation)
+            base = {"n_slices": int(store.images.shape[0]), "rows": rows, "norm": norm,
+                    "digests": [bytes(d).hex() for d in store.root["slice_digest"][:]],
+                    "attrs": {k: store.attrs.get(k) for k in
+                              ("cohorts", "ingest_problems", "provenance")}}
+            root = zarr.open_group(str(path), mode="r+")
+            _write_journal_header(path, build_key, append, recipe, base)
+            root.attrs["complete"] = False  # after the journal: a rerun can always resume
+        else:
+            if path.exists() and not overwrite:
+                raise StoreError(f"{path} exists; remove it, pass overwrite, or append to it")
+            if path.exists():
+                shutil.rmtree(path)
+            root = zarr.open_group(str(path), mode="w")
+            root.attrs.update({"schema_version": SCHEMA_VERSION, "complete": False,
+                               "recipe": recipe.to_dict()})
+            rows, cols = recipe.size
+            # One chunk per slice: training reads random slices.
+            root.create_array("images", shape=(0, rows, cols), chunks=(1, rows, cols),
+                              dtype="uint16", fill_value=0, compressors=IMAGE_COMPRESSOR,
+                              config={"write_empty_chunks": True})
+            base = {"n_slices": 0, "rows": [], "norm": [], "digests": [], "attrs": {}}
+            _write_journal_header(path, build_key, append, recipe, base)
+        header, entries = read_journal(path)
+        return cls(path, root, recipe, header, entries)
 
     def has_subject(self, subject_id: str) -> bool:
         return subject_id in self._ids
 
-    def add_subject(self, row: dict[str, Any], images: np.ndarray, stats: dict[str, Any]) -> None:
-        """Append one subject's slices. `row` holds subject_id, cohort and the canonical fields."""
-        expected = (self.recipe.n_slices, *self.recipe.size)
-        if images.dtype != np.uint16 or images.shape != expected:
-            raise StoreError(f"images must be uint16 {expected}, got {images.dtype} {images.shape}")
-        if row["subject_id"] in self._ids:
-            raise StoreError(f"subject {row['subject_id']} is already in the store")
-        n, start = images.shape[0], self.n_slices
-        self.images.resize((start + n, *self.recipe.size))
-        self.slice_subject.resize((start + n,))
-        self.slice_position.resize((start + n,))
-        self.images[start:start + n] = images
-        self.slice_subject[start:start + n] = np.full(n, len(self.rows), dtype=np.int32)
-        self.slice_position[start:start + n] = np.arange(n, dtype=np.int16)
-        full = {c: row.get(c) for c in (*STRING_COLUMNS, *FLOAT_COLUMNS)}
-        full.update(slice_start=start, slice_count=n)
-        self.rows.append(full)
-        self.norm.append({c: float(stats[c]) for c in NORM_COLUMNS})
-        self._ids.add(row["subject_id"])
-        self.n_slices += n
+    def add(self, entry: dict[str, Any], images: np.ndarray | None = None,
+            stats: dict[str, Any] | None = None, digests: list[str] | None = None) -> None:
+        """Record one participant folder: its slices (if ingested), then its journal line.
+
+        Args:
+            entry: JSON-able, pseudonyms only: `folder` (folder pseudonym), `problems`, and
+                for an ingested participant `row` (subject_id, cohort, canonical fields,
+                pixel spacing).
+            images: uint16 (n_slices, rows, cols) for an ingested participant, else None.
+            stats: apply_recipe's stats (normalisation window) with `images`.
+            digests: `slice_digests(images)` if already computed (e.g. by a worker).
+        """
+        entry = dict(entry, index=len(self.entries), slice_count=0)
+        if images is not None:
+            expected = (self.recipe.n_slices, *self.recipe.size)
+            if images.dtype != np.uint16 or images.shape != expected:
+                raise StoreError(f"images must be uint16 {expected}, got {images.dtype} "
+                                 f"{images.shape}")
+            row = entry["row"]
+            if row["subject_id"] in self._ids:
+                raise StoreError(f"subject {row['subject_id']} is already in the store")
+            n, start = images.shape[0], self.n_slices
+            self.images.resize((start + n, *self.recipe.size))
+            self.images[start:start + n] = images
+            digests = list(digests) if digests is not None else slice_digests(images)
+            entry.update(slice_start=start, slice_count=n, digests=digests,
+                         norm={c: float(stats[c]) for c in NORM_COLUMNS})
+            self.digests += digests
+            self.rows.append(dict(row, slice_start=start, slice_count=n))
+            self.norm.append(dict(entry["norm"]))
+            self._ids.add(row["subject_id"])
+            self.n_slices += n
+        self._journal.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())  # journaled = durable: a resume skips it
+        self.entries.append(entry)
 
     def finish(self, *, cohort: str, cohort_summary: dict[str, Any],
-               ingest_problems: list[dict[str, str]], provenance: dict[str, Any]) -> str:
-        """Write the subjects table and attributes, then the content hash, then `complete`."""
+               ingest_problems: list[dict[str, Any]], provenance: dict[str, Any]) -> str:
+        """Write index arrays, tables, attributes, report CSV, hash; then `complete` last."""
+        self._journal.close()
         subjects = _subjects_frame(self.rows)
+        cfg = {"write_empty_chunks": True}
+        n = self.n_slices
+        slice_subject = np.repeat(np.arange(len(subjects), dtype=np.int32),
+                                  subjects["slice_count"].to_numpy())
+        slice_position = np.concatenate(
+            [np.arange(c, dtype=np.int16) for c in subjects["slice_count"]] or
+            [np.zeros(0, np.int16)])
+        for name, values, fill in (("slice_subject", slice_subject, -1),
+                                   ("slice_position", slice_position, -1)):
+            arr = self.root.create_array(name, shape=(n,), chunks=(max(1, min(n, 65536)),),
+                                         dtype=values.dtype, fill_value=fill, config=cfg,
+                                         overwrite=True)
+            if n:
+                arr[:] = values
+        digests = np.frombuffer(bytes.fromhex("".join(self.digests)), dtype=np.uint8)
+        arr = self.root.create_array("slice_digest", shape=(n, 32), chunks=(max(1, n), 32),
+                                     dtype="uint8", fill_value=0, config=cfg, overwrite=True)
+        if n:
+            arr[:] = digests.reshape(n, 32)
         _write_table(self.root, "subjects", subjects, strings=STRING_COLUMNS)
         _write_table(self.root, "normalisation", pd.DataFrame(self.norm, columns=NORM_COLUMNS))
-        attrs = dict(self.root.attrs)
-        cohorts = dict(attrs.get("cohorts") or {})
+        base = self.header["base"]["attrs"]
+        cohorts = dict(base.get("cohorts") or {})
         cohorts[cohort] = cohort_summary
-        problems = list(attrs.get("ingest_problems") or [])
+        problems = list(base.get("ingest_problems") or [])
         problems += [dict(p, cohort=cohort) for p in ingest_problems]
-        history = list((attrs.get("provenance") or {}).get("builds", []))
+        history = list((base.get("provenance") or {}).get("builds", []))
         history.append(provenance)
         counts = {
-            "subjects": int(len(subjects)), "slices": int(self.n_slices),
+            "subjects": int(len(subjects)), "slices": int(n),
             "per_cohort": {str(k): int(v) for k, v in subjects["cohort"].value_counts()
                            .sort_index().items()},
             "ingest_problems": len(problems),
@@ -189,15 +295,94 @@ class StoreWriter:
             "measures": MEASURES, "cohorts": cohorts, "counts": counts,
             "ingest_problems": problems, "provenance": {"builds": history},
         })
-        digest = content_hash(self.root, self.recipe, subjects)
+        write_ingest_report(problems, ingest_report_path(self.path))
+        digest = content_hash(self.root, self.recipe, subjects, digests=self.digests)
         self.root.attrs["content_hash"] = digest
         self.root.attrs["complete"] = True  # last: everything above is on disk
+        self.journal_path.unlink(missing_ok=True)
         return digest
+
+
+def _root_attrs(path: Path) -> dict | None:
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+
+
+def _jsonable_rows(df: pd.DataFrame) -> list[dict]:
+    """DataFrame rows as JSON-able dicts (NaN -> None) for the journal."""
+    out = []
+    for rec in df.to_dict("records"):
+        clean = {}
+        for k, v in rec.items():
+            if isinstance(v, (np.integer,)):
+                v = int(v)
+            elif isinstance(v, (float, np.floating)):
+                v = None if np.isnan(v) else float(v)
+            clean[k] = v
+        out.append(clean)
+    return out
+
+
+def _write_journal_header(path: Path, build_key: str, append: bool, recipe: Recipe,
+                          base: dict) -> None:
+    header = {"type": "header", "build_key": build_key, "append": append,
+              "cohort": build_key.split(":", 1)[0], "recipe": recipe.to_dict(), "base": base}
+    tmp = path / (JOURNAL + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / JOURNAL)  # atomic: a journal always starts with a whole header
+
+
+def read_journal(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:
+    """(header, participant entries) of the store's build journal; (None, []) if none.
+
+    A torn last line (the writer was killed while appending it) is dropped and cut from
+    the file, so the next append starts on a clean line.
+    """
+    journal = Path(path) / JOURNAL
+    if not journal.is_file():
+        return None, []
+    data = journal.read_bytes()
+    header, entries, good = None, [], 0
+    for line in data.splitlines(keepends=True):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("torn line")
+            rec = json.loads(line)
+        except ValueError:
+            break
+        good += len(line)
+        if rec.get("type") == "header":
+            header = rec
+        else:
+            entries.append(rec)
+    if good != len(data):
+        with open(journal, "r+b") as f:
+            f.truncate(good)
+    return header, entries
+
+
+def ingest_report_path(store_path: str | os.PathLike) -> Path:
+    """`data/demo.zarr` -> `data/demo.zarr.ingest_report.csv` (beside the store)."""
+    p = Path(store_path)
+    return p.with_name(p.name + ".ingest_report.csv")
+
+
+def write_ingest_report(problems: list[dict[str, Any]], csv_path: Path) -> None:
+    """All ingest problems of the store as CSV (pseudonyms and relative paths only)."""
+    df = pd.DataFrame(problems, columns=list(REPORT_COLUMNS))
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, csv_path)
 
 
 def _subjects_frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(SUBJECT_COLUMNS))
-    for c in FLOAT_COLUMNS:
+    for c in (*FLOAT_COLUMNS, *SPACING_COLUMNS):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     for c in INT_COLUMNS:
         df[c] = df[c].astype(np.int64)
@@ -232,8 +417,19 @@ def _read_table(root: zarr.Group, name: str) -> pd.DataFrame:
     return pd.DataFrame(data, columns=group.attrs["columns"])
 
 
-def content_hash(root: zarr.Group, recipe: Recipe, subjects: pd.DataFrame) -> str:
-    """sha256 over the recipe, the subjects table and every slice, in store order."""
+def slice_digests(images: np.ndarray) -> list[str]:
+    """sha256 (hex) of each slice's bytes (C order, little-endian uint16)."""
+    images = np.ascontiguousarray(images, dtype="<u2")
+    return [hashlib.sha256(s.tobytes()).hexdigest() for s in images]
+
+
+def content_hash(root: zarr.Group, recipe: Recipe, subjects: pd.DataFrame,
+                 digests: list[str] | None = None) -> str:
+    """sha256 over the recipe, the subjects table, the slice index and each slice's sha256.
+
+    `digests` (one hex sha256 per slice, store order) come from the writer; without them
+    every slice is read back and hashed (verify_store does so, to check the data itself).
+    """
     h = hashlib.sha256()
     h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
     for c in subjects.columns:
@@ -244,9 +440,13 @@ def content_hash(root: zarr.Group, recipe: Recipe, subjects: pd.DataFrame) -> st
             h.update(np.ascontiguousarray(subjects[c].to_numpy()).tobytes())
     h.update(root["slice_subject"][:].tobytes())
     h.update(root["slice_position"][:].tobytes())
-    images = root["images"]
-    for start in range(0, images.shape[0], HASH_BLOCK):
-        h.update(np.ascontiguousarray(images[start:start + HASH_BLOCK]).tobytes())
+    if digests is None:
+        images = root["images"]
+        digests = []
+        for start in range(0, images.shape[0], HASH_BLOCK):
+            digests += slice_digests(images[start:start + HASH_BLOCK])
+    for d in digests:
+        h.update(bytes.fromhex(d))
     return "sha256:" + h.hexdigest()
 
 
@@ -285,15 +485,19 @@ def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> Thi
     if require_complete and attrs.get("complete") is not True:
         raise StoreError(
             f"{path} is incomplete (its 'complete' attribute is not set): a build or append "
-            "was interrupted or is still running. Rebuild it with data_prep/build_store.py, "
-            "or pass require_complete=False to inspect what was written.")
+            "was interrupted or is still running. Rerun the same data_prep/build_store.py "
+            "command to resume it (finished participants are kept), or pass "
+            "require_complete=False to inspect what was written.")
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"{path}: schema_version {attrs.get('schema_version')!r}, this code "
                          f"reads {SCHEMA_VERSION}")
     has_table = "subjects" in root
     return ThighStore(
         path=path, root=root, images=root["images"],
-        slice_subject=root["slice_subject"][:], slice_position=root["slice_position"][:],
+        slice_subject=(root["slice_subject"][:] if "slice_subject" in root
+                       else np.zeros(0, np.int32)),
+        slice_position=(root["slice_position"][:] if "slice_position" in root
+                        else np.zeros(0, np.int16)),
         subjects=_read_table(root, "subjects") if has_table else _subjects_frame([]),
         normalisation=(_read_table(root, "normalisation") if "normalisation" in root
                        else pd.DataFrame(columns=NORM_COLUMNS)),
@@ -302,8 +506,45 @@ def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> Thi
     )
 
 
+def _written_chunk_rows(images: zarr.Array) -> set[int]:
+    """Slice indices whose image chunk exists in the store (one chunk per slice)."""
+    from zarr.core.sync import sync
+
+    store = images.store
+    prefix = images.path.rstrip("/") + "/"
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    rows = set()
+    for key in sync(keys()):
+        parts = key[len(prefix):].split("/")
+        if len(parts) == 4 and parts[0] == "c" and parts[1].isdigit():
+            rows.add(int(parts[1]))
+    return rows
+
+
+def _ranges(indices: list[int], limit: int = 8) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9' (at most `limit` ranges, then '...')."""
+    out: list[str] = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    text = [f"{a}" if a == b else f"{a}-{b}" for a, b in out[:limit]]
+    return ", ".join(text) + (", ..." if len(out) > limit else "")
+
+
 def verify_store(path: str | os.PathLike) -> list[str]:
-    """Every problem found in the store at `path` ([] when it is sound)."""
+    """Every problem found in the store at `path` ([] when it is sound).
+
+    Checks schema version, required attributes and arrays, image dtype/shape/chunking, that
+    every image chunk was written (an unwritten chunk would read back as zeros), the subjects
+    table (columns, pseudonyms, sex codes, pixel spacing), slice_subject / slice_position
+    against slice_start / slice_count, the `counts` attribute, the ingest problems, and that
+    the recomputed content hash equals the recorded one. All problems are listed at once.
+    """
     try:
         store = open_store(path, require_complete=False)
     except (StoreError, KeyError, ValueError) as exc:
@@ -311,12 +552,21 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     problems: list[str] = []
     a = store.attrs
     if a.get("complete") is not True:
-        problems.append("store is incomplete ('complete' attribute not set)")
+        problems.append("store is incomplete ('complete' attribute not set): rerun its build "
+                        "command to resume it")
+    if (Path(path) / JOURNAL).exists():
+        problems.append(f"a build journal ({JOURNAL}) is present: a build or append is "
+                        "unfinished or was interrupted")
     for key in ("recipe", "measures", "cohorts", "counts", "ingest_problems", "content_hash",
                 "provenance"):
         if key not in a:
-            problems.append(f"root attribute {key!r} missing")
-    subjects, images = store.subjects, store.images
+            problems.append(f"root attribute {key!r} is missing")
+    for name in ("images", "slice_subject", "slice_position", "slice_digest", "subjects",
+                 "normalisation"):
+        if name not in store.root:
+            problems.append(f"{name!r} is missing")
+    subjects = store.subjects
+    images = store.images
     n = int(images.shape[0])
     rows, cols = store.recipe.size
     if images.dtype != np.uint16 or tuple(images.shape[1:]) != (rows, cols):
@@ -324,15 +574,67 @@ def verify_store(path: str | os.PathLike) -> list[str]:
                         f"{(rows, cols)}")
     if tuple(images.chunks) != (1, rows, cols):
         problems.append(f"images chunks {images.chunks}, expected one chunk per slice")
-    if images.nchunks_initialized != images.nchunks:
-        problems.append(f"{images.nchunks - images.nchunks_initialized} of {images.nchunks} "
-                        "image chunks were never written (they would read as zeros)")
+    else:
+        missing = sorted(set(range(n)) - _written_chunk_rows(images))
+        if missing:
+            problems.append(f"{len(missing)} of {n} image chunks were never written (they "
+                            f"would read as zeros): slices {_ranges(missing)}")
     if len(store.slice_subject) != n or len(store.slice_position) != n:
-        problems.append("slice_subject / slice_position length differs from images")
+        problems.append(f"slice_subject / slice_position length ({len(store.slice_subject)} / "
+                        f"{len(store.slice_position)}) differs from images ({n})")
     missing_cols = [c for c in SUBJECT_COLUMNS if c not in subjects.columns]
     if missing_cols:
         problems.append(f"subjects table lacks columns {missing_cols}")
-        return problems
+    else:
+        problems += _check_subjects(store, subjects, n)
+    counts = a.get("counts") or {}
+    per_cohort = {str(k): int(v) for k, v in subjects["cohort"].value_counts().sort_index()
+                  .items()} if "cohort" in subjects else {}
+    if counts and (counts.get("subjects") != len(subjects) or counts.get("slices") != n
+                   or counts.get("per_cohort") != per_cohort):
+        problems.append(f"counts attribute {counts} disagrees with the data: {len(subjects)} "
+                        f"subjects, {n} slices, per cohort {per_cohort}")
+    ingest = a.get("ingest_problems")
+    if isinstance(ingest, list):
+        if counts and counts.get("ingest_problems") != len(ingest):
+            problems.append(f"counts.ingest_problems {counts.get('ingest_problems')} but "
+                            f"{len(ingest)} ingest problems are listed")
+        bad = [i for i, p in enumerate(ingest) if not isinstance(p, dict)
+               or set(REPORT_COLUMNS) - set(p) or p.get("reason") not in REASONS]
+        if bad:
+            problems.append(f"ingest_problems entries {bad[:10]} lack {list(REPORT_COLUMNS)} "
+                            f"or have a reason outside {list(REASONS)}")
+    if len(store.normalisation) != len(subjects):
+        problems.append("normalisation table length differs from subjects")
+    if a.get("content_hash") and not missing_cols:
+        try:
+            actual = content_hash(store.root, store.recipe, subjects)
+        except Exception as exc:  # noqa: BLE001 - a damaged store can fail in many ways
+            problems.append(f"content hash cannot be recomputed ({type(exc).__name__}: {exc})")
+        else:
+            if actual != a["content_hash"]:
+                problems.append(f"content_hash mismatch: recorded {a['content_hash']}, "
+                                f"recomputed {actual}")
+                problems += _changed_slices(store)
+    return problems
+
+
+def _changed_slices(store: ThighStore) -> list[str]:
+    """Slices whose bytes differ from the digest recorded when they were written."""
+    if "slice_digest" not in store.root:
+        return ["'slice_digest' is missing"]
+    recorded = store.root["slice_digest"][:]
+    images, changed = store.images, []
+    for start in range(0, min(len(recorded), images.shape[0]), HASH_BLOCK):
+        block = slice_digests(images[start:start + HASH_BLOCK])
+        changed += [start + i for i, d in enumerate(block)
+                    if d != bytes(recorded[start + i]).hex()]
+    return [f"{len(changed)} slices differ from their recorded sha256: {_ranges(changed)}"
+            ] if changed else []
+
+
+def _check_subjects(store: ThighStore, subjects: pd.DataFrame, n: int) -> list[str]:
+    problems = []
     ids = subjects["subject_id"]
     if ids.duplicated().any():
         problems.append(f"{int(ids.duplicated().sum())} duplicate subject_id values")
@@ -343,29 +645,27 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     bad_sex = sorted({str(v) for v in subjects["sex"] if v not in ("male", "female", None)})
     if bad_sex:
         problems.append(f"sex values {bad_sex} not in ['male', 'female', None]")
+    for c in SPACING_COLUMNS:
+        bad = np.flatnonzero(~(subjects[c].to_numpy(dtype=float) > 0))
+        if len(bad):
+            problems.append(f"{c} not a positive number in rows {bad[:10].tolist()}")
     expected_start = 0
-    for i, r in subjects.iterrows():
-        start, count = int(r["slice_start"]), int(r["slice_count"])
+    ss, sp = store.slice_subject, store.slice_position
+    for i, (start, count) in enumerate(zip(subjects["slice_start"], subjects["slice_count"])):
+        start, count = int(start), int(count)
         if start != expected_start:
             problems.append(f"subject row {i}: slice_start {start}, expected {expected_start} "
                             "(slices must be contiguous, in table order)")
         block = slice(start, start + count)
-        if len(store.slice_subject) >= start + count:
-            if np.any(store.slice_subject[block] != i):
-                problems.append(f"subject row {i}: slice_subject disagrees with slice_start/count")
-            if np.any(store.slice_position[block] != np.arange(count)):
+        if len(ss) >= start + count and len(sp) >= start + count:
+            if np.any(ss[block] != i):
+                problems.append(f"subject row {i}: slice_subject disagrees with "
+                                f"slice_start/slice_count ({start}, {count})")
+            if np.any(sp[block] != np.arange(count)):
                 problems.append(f"subject row {i}: slice_position is not 0..{count - 1}")
         expected_start = start + count
-    if expected_start != n:
-        problems.append(f"subjects cover {expected_start} slices, images has {n}")
-    counts = a.get("counts") or {}
-    if counts and (counts.get("subjects") != len(subjects) or counts.get("slices") != n):
-        problems.append(f"counts attribute {counts} disagrees with {len(subjects)} subjects, "
-                        f"{n} slices")
-    if len(store.normalisation) != len(subjects):
-        problems.append("normalisation table length differs from subjects")
-    if not problems and a.get("content_hash"):
-        actual = content_hash(store.root, store.recipe, subjects)
-        if actual != a["content_hash"]:
-            problems.append(f"content_hash mismatch: stored {a['content_hash']}, actual {actual}")
+    total = int(subjects["slice_count"].sum())
+    if total != n:
+        problems.append(f"subjects' slice_count values add up to {total} slices, "
+                        f"images has {n}")
     return problems

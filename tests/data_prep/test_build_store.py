@@ -7,18 +7,26 @@ slice, participant without a table row) are planted on top of its output.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 import zarr
 
+import data_prep.synth as synth
 from data_prep import build_store
-from data_prep.store import (StoreError, StoreWriter, load_salt, open_store, pseudonym,
-                             verify_store)
+from data_prep.store import (JOURNAL, REPORT_COLUMNS, StoreError, StoreWriter, ingest_report_path,
+                             load_salt, open_store, pseudonym, verify_store)
 from data_prep.preprocess import Recipe
 
 SALT = "test-salt-0123456789abcdef"
@@ -28,7 +36,6 @@ SIZE = "32x64"
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    import data_prep.synth as synth
     out = tmp_path_factory.mktemp("synth")
     synth.generate_cohort(out, subjects=N_SUBJECTS, seed=0, matrix=(64, 128))
     oai = out / "oai" / "dicom" / "00m"
@@ -106,9 +113,24 @@ def test_build_open_round_trip(built, cohort):
     assert store.measures["leg_strength"]["direction"] == "higher"
     assert store.subject_images(1).shape == (15, 32, 64) and store.subject_images(1).max() > 0
     reasons = {p["reason"]: p for p in store.attrs["ingest_problems"]}
-    assert reasons["no table row"]["source"] == pseudonym(SALT.encode(), "oai", oai[2])
-    assert reasons["unusable thigh series"]["skipped"] is True
-    assert reasons["file skipped: not a DICOM file"]["skipped"] is False
+    pid = [pseudonym(SALT.encode(), "oai", k) for k in oai]
+    assert reasons["no_table_row"]["source"] == pid[2] and reasons["no_table_row"]["skipped"]
+    assert reasons["truncated"]["skipped"] is True
+    assert re.fullmatch(pid[1] + r"/file#\d+", reasons["truncated"]["source"])
+    assert reasons["not_dicom"]["skipped"] is False
+    assert re.fullmatch(pid[0] + r"/file#\d+", reasons["not_dicom"]["source"])
+    # OAI has table-only participants (tables but no scan), and the dropped one is not one
+    table_only = [p for p in store.attrs["ingest_problems"] if p["reason"] == "table_only"]
+    assert len(table_only) == synth.TABLE_ONLY_OAI
+    assert pid[2] not in {p["source"] for p in table_only}
+    report = pd.read_csv(ingest_report_path(built))
+    assert list(report.columns) == list(REPORT_COLUMNS)
+    assert len(report) == len(store.attrs["ingest_problems"])
+    assert set(report["reason"]) == {"no_table_row", "truncated", "not_dicom", "table_only"}
+    # pixel spacing of the stored images: synthetic FOV 250 x 500 mm -> 32 x 64 pixels
+    fov = synth.pixel_spacing((64, 128))
+    assert np.allclose(s["pixel_spacing_row_mm"], fov[0] * 64 / 32)
+    assert np.allclose(s["pixel_spacing_col_mm"], fov[1] * 128 / 64)
     assert store.content_hash.startswith("sha256:")
     assert verify_store(built) == []
     assert build_store.main(["--verify", str(built)]) == 0
@@ -121,7 +143,9 @@ def test_hash_stable_across_builds_and_tamper_detected(built, cohort, tmp_path, 
     assert open_store(again).content_hash == open_store(built).content_hash
     root = zarr.open_group(str(again), mode="r+")
     root["images"][3, 0, 0] = int(root["images"][3, 0, 0]) ^ 1
-    assert any("content_hash mismatch" in p for p in verify_store(again))
+    problems = verify_store(again)
+    assert any("content_hash mismatch" in p for p in problems)
+    assert "1 slices differ from their recorded sha256: 3" in problems  # pinpointed
 
 
 def test_append_somma(built, cohort, tmp_path, monkeypatch):
@@ -164,7 +188,7 @@ def test_no_phi_in_build_output(cohort, tmp_path, monkeypatch, capfd):
         "--dicom", str(cohort / "oai" / "dicom"), "--tables", str(cohort / "oai" / "tables"),
         "--cohort", "oai", "--out", str(tmp_path / "o.zarr"), "--size", SIZE]) == 0
     out = capfd.readouterr()
-    assert "participants ingested" in out.out and "no table row" in out.out
+    assert "participants ingested" in out.out and "no_table_row" in out.out
     assert phi and not [v for v in phi if v in out.out + out.err]
 
 
@@ -192,15 +216,90 @@ def test_arguments_validated_before_work(tmp_path, monkeypatch, capsys):
     assert "ROWSxCOLS" in err  # every problem reported at once
 
 
+def _start_killable_build(cohort: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
+    """The build CLI in its own process group, slowed down so it can be killed midway."""
+    env = dict(os.environ, THIGHMRI_SALT=SALT, **{build_store.DELAY_ENV: "0.4"})
+    cmd = [sys.executable, str(Path(build_store.__file__)), "--dicom",
+           str(cohort / name / "dicom"), "--tables", str(cohort / name / "tables"),
+           "--cohort", name, "--out", str(out), "--size", SIZE, "--n-slices", "15",
+           "--workers", "2", "--no-progress", *extra]
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _kill_after(proc: subprocess.Popen, store: Path, n_entries: int) -> int:
+    """SIGKILL the build's process group once `n_entries` participants are journaled."""
+    journal = store / JOURNAL
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_bytes().splitlines()) >= 1 + n_entries:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"build ended before it could be killed: {proc.stderr.read()}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(journal.read_bytes().splitlines()) - 1
+
+
+def test_killed_build_resumes_to_the_same_hash(built, cohort, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "killed.zarr"
+    done = _kill_after(_start_killable_build(cohort, out, "oai"), out, 4)
+    assert 4 <= done < N_SUBJECTS
+    with pytest.raises(StoreError, match="Rerun the same"):
+        open_store(out)  # a half-written store is never read as complete
+    assert any("incomplete" in p for p in verify_store(out))
+    first_chunk = out / "images" / "c" / "0" / "0" / "0"
+    stamp = first_chunk.stat().st_mtime_ns
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    capsys.readouterr()
+    # other inputs (here: the recipe) do not resume an interrupted build: clear error
+    assert run_build(cohort, out, "oai", "--size", "16x32") == 1
+    assert "interrupted" in capsys.readouterr().err
+    assert run_build(cohort, out) == 0  # the same command again: resumes
+    printed = capsys.readouterr().out
+    m = re.search(r"resumed an interrupted build: (\d+) participants were already done, "
+                  r"(\d+) processed now", printed)
+    assert m and int(m.group(1)) == done and int(m.group(2)) == N_SUBJECTS - done
+    assert first_chunk.stat().st_mtime_ns == stamp  # finished participants were not redone
+    assert open_store(out).content_hash == open_store(built).content_hash
+    assert verify_store(out) == [] and not (out / JOURNAL).exists()
+
+
+def test_killed_append_keeps_first_cohort_and_resumes(built, cohort, tmp_path, monkeypatch):
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    reference = tmp_path / "reference.zarr"
+    shutil.copytree(built, reference)
+    assert run_build(cohort, reference, "somma", "--append") == 0
+    both = tmp_path / "both.zarr"
+    shutil.copytree(built, both)
+    first = open_store(built)
+    done = _kill_after(_start_killable_build(cohort, both, "somma", "--append"), both, 2)
+    assert done >= 2
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(both)
+    partial = open_store(both, require_complete=False)
+    n_first = first.images.shape[0]
+    assert np.array_equal(partial.images[:n_first], first.images[:])  # first cohort intact
+    assert run_build(cohort, both, "somma", "--append") == 0
+    store = open_store(both)
+    assert store.content_hash == open_store(reference).content_hash
+    assert store.subjects.iloc[:len(first.subjects)].equals(first.subjects)
+    assert verify_store(both) == []
+
+
 def test_incomplete_store_refused(tmp_path):
     path = tmp_path / "partial.zarr"
-    writer = StoreWriter.create(path, Recipe(n_slices=2, size=(4, 8)))
-    writer.add_subject({"subject_id": "0" * 16, "cohort": "oai", "sex": "male"},
-                       np.ones((2, 4, 8), np.uint16), {"intensity_low": 0, "intensity_high": 1})
+    recipe = Recipe(n_slices=2, size=(4, 8))
+    writer = StoreWriter.start(path, recipe, build_key="oai:x")
+    writer.add({"folder": "f" * 16, "keys": [], "problems": [],
+                "row": {"subject_id": "0" * 16, "cohort": "oai", "sex": "male"}},
+               np.ones((2, 4, 8), np.uint16), {"intensity_low": 0, "intensity_high": 1})
     # the writer "crashed": finish() was never called
     with pytest.raises(StoreError, match="incomplete"):
         open_store(path)
     assert open_store(path, require_complete=False).images.shape[0] == 2
     assert any("incomplete" in p for p in verify_store(path))
-    with pytest.raises(StoreError, match="incomplete"):
-        StoreWriter.append(path, Recipe(n_slices=2, size=(4, 8)))
+    with pytest.raises(StoreError, match="interrupted"):  # another build: refused
+        StoreWriter.start(path, recipe, build_key="oai:y")
+    with pytest.raises(StoreError, match="holds a build of cohort .oai. that was interrupted"):
+        StoreWriter.start(path, recipe, build_key="somma:z", append=True)

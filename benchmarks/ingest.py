@@ -1,0 +1,165 @@
+"""Ingest throughput and memory: build_store.py against the raw pydicom read+decode rate.
+
+    python benchmarks/ingest.py --subjects 100 500 --workers 2 --out /tmp/bench_ingest
+
+For each N it generates (or reuses) a synthetic cohort of N OAI participants at 256x512
+(data_prep/synth.py, seed 0) under --out, then measures on the OAI cohort:
+  raw   dcmread + pixel_array of every axial thigh slice file (1 process, then --workers
+        processes): the floor any ingest must pay to touch the pixels;
+  build data_prep/build_store.py (recipe 256x512, --workers) in a child process: slices/s
+        and peak RSS of the builder and of its largest worker.
+Files are read once before timing so both sides see a warm page cache. Prints a table and
+writes <out>/results.json. Results and the command line go into benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SALT = "benchmark-salt-0123456789abcdef"  # synthetic data only
+MATRIX = (256, 512)
+
+
+def thigh_files(dicom_root: Path) -> list[list[Path]]:
+    """Per participant, the files of the AX_T1_THIGH series (header read, not timed)."""
+    import pydicom
+
+    out = []
+    for folder in sorted(p for p in dicom_root.iterdir() if p.is_dir()):
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file()
+                 and pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription
+                 == "AX_T1_THIGH"]
+        out.append(files)
+    return out
+
+
+def read_decode(files: list[Path]) -> int:
+    """dcmread + pixel_array of each file; returns the number of slices decoded."""
+    import pydicom
+
+    n = 0
+    for f in files:
+        pixels = pydicom.dcmread(f).pixel_array
+        n += pixels.shape[0] > 0
+    return n
+
+
+def raw_rate(groups: list[list[Path]], workers: int) -> float:
+    t0 = time.perf_counter()
+    if workers == 1:
+        n = sum(read_decode(g) for g in groups)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            n = sum(pool.map(read_decode, groups, chunksize=4))
+    return n / (time.perf_counter() - t0)
+
+
+def child_build(cohort: Path, store: Path, workers: int) -> None:
+    """Runs in a fresh process: one build, then its timings and peak RSS as JSON."""
+    os.environ["THIGHMRI_SALT"] = SALT
+    from data_prep.build_store import build
+    from data_prep.cohorts import load_spec
+    from data_prep.preprocess import Recipe
+
+    t0 = time.perf_counter()
+    summary = build(dicom=cohort / "oai" / "dicom", tables=cohort / "oai" / "tables",
+                    spec=load_spec("oai"), out=store, recipe=Recipe(size=MATRIX),
+                    salt=SALT.encode(), workers=workers, overwrite=True, progress=False)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({
+        "seconds": seconds, "slices": summary["store_slices"],
+        "participants": summary["store_subjects"],
+        # ru_maxrss is KiB on Linux; CHILDREN = the largest worker process
+        "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }))
+
+
+def run_one(n: int, workers: int, out: Path) -> dict:
+    from data_prep.synth import generate_cohort
+
+    cohort = out / f"cohort_{n}"
+    if not (cohort / "manifest.json").is_file():
+        t0 = time.perf_counter()
+        generate_cohort(cohort, subjects=n, seed=0, matrix=MATRIX)
+        print(f"[{n}] generated the cohort in {time.perf_counter() - t0:.0f} s", flush=True)
+    groups = thigh_files(cohort / "oai" / "dicom" / "00m")
+    n_slices = sum(len(g) for g in groups)
+    size_gb = sum(f.stat().st_size for g in groups for f in g) / 1e9
+    raw_1 = raw_rate(groups, 1)
+    raw_w = raw_rate(groups, workers) if workers > 1 else raw_1
+    store = out / f"store_{n}.zarr"
+    proc = subprocess.run([sys.executable, __file__, "--child-build", str(cohort), str(store),
+                           str(workers)], check=True, capture_output=True, text=True)
+    b = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = {
+        "participants": n, "thigh_slices": n_slices, "thigh_gb": round(size_gb, 2),
+        "workers": workers, "raw_slices_per_s_1proc": round(raw_1, 1),
+        "raw_slices_per_s_workers": round(raw_w, 1),
+        "build_slices_per_s": round(b["slices"] / b["seconds"], 1),
+        "build_seconds": round(b["seconds"], 1),
+        "ratio_build_to_raw_workers": round(b["slices"] / b["seconds"] / raw_w, 3),
+        "peak_rss_main_mib": round(b["peak_rss_main_mib"], 1),
+        "peak_rss_worker_mib": round(b["peak_rss_worker_mib"], 1),
+    }
+    shutil.rmtree(store, ignore_errors=True)
+    Path(str(store) + ".ingest_report.csv").unlink(missing_ok=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--subjects", type=int, nargs="+", default=[100, 500],
+                   help="cohort sizes to measure (OAI participants)")
+    p.add_argument("--workers", type=int, default=2, help="build and raw-read processes")
+    p.add_argument("--out", type=Path, default=Path("/tmp/bench_ingest"),
+                   help="work folder: cohorts are generated here and reused")
+    p.add_argument("--cleanup", action="store_true", help="delete the cohorts afterwards")
+    p.add_argument("--child-build", nargs=3, metavar=("COHORT", "STORE", "WORKERS"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_build:
+        cohort, store, workers = args.child_build
+        child_build(Path(cohort), Path(store), int(workers))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in args.subjects:
+        r = run_one(n, args.workers, args.out)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if args.cleanup:
+            shutil.rmtree(args.out / f"cohort_{n}", ignore_errors=True)
+    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, "
+            f"{os.cpu_count()} CPUs, {platform.python_version()}",
+            "command": "python benchmarks/ingest.py " + " ".join(sys.argv[1:])}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                      indent=2))
+    print("\n| participants | slices | raw 1 proc (sl/s) | raw {w} proc (sl/s) | build (sl/s) "
+          "| build / raw | peak RSS main (MiB) | peak RSS worker (MiB) |".format(w=args.workers))
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['participants']} | {r['thigh_slices']} | {r['raw_slices_per_s_1proc']} | "
+              f"{r['raw_slices_per_s_workers']} | {r['build_slices_per_s']} | "
+              f"{r['ratio_build_to_raw_workers']:.0%} | {r['peak_rss_main_mib']} | "
+              f"{r['peak_rss_worker_mib']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
