@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 TABLE_COLUMNS = ["cell", "n_train", "n_val", "n_test", "best_val_acc", "test_baseline_acc",
-                 "test_acc", "test_acc_ci_low", "test_acc_ci_high", "test_auroc", "test_perm_p", "status"]
+                 "test_acc", "test_acc_ci_low", "test_acc_ci_high", "test_auroc", "test_perm_p",
+                 "size_test_acc", "cnn_minus_size_acc", "status"]
 
 
 def results_table(results: list[dict]) -> pd.DataFrame:
@@ -21,7 +22,7 @@ def results_table(results: list[dict]) -> pd.DataFrame:
 def format_table(df: pd.DataFrame) -> str:
     """Fixed-width text table for the terminal: accuracy vs the majority-class baseline, with CI."""
     lines = [f"{'cell':<44} {'n tr/va/te':>12} {'val acc':>8} {'baseline':>9} {'test acc [95% CI]':>22} "
-             f"{'AUROC':>6} {'perm p':>7}"]
+             f"{'AUROC':>6} {'perm p':>7} {'size acc':>8} {'CNN-size':>8}"]
     for _, r in df.iterrows():
         if r["status"] != "ok":
             lines.append(f"{r['cell']:<44} {r['status']}")
@@ -29,7 +30,8 @@ def format_table(df: pd.DataFrame) -> str:
         n = f"{int(r['n_train'])}/{int(r['n_val'])}/{int(r['n_test'])}"
         ci = f"{r['test_acc']:.3f} [{r['test_acc_ci_low']:.2f}, {r['test_acc_ci_high']:.2f}]"
         lines.append(f"{r['cell']:<44} {n:>12} {r['best_val_acc']:>8.3f} {r['test_baseline_acc']:>9.3f} "
-                     f"{ci:>22} {r['test_auroc']:>6.3f} {r['test_perm_p']:>7.3f}")
+                     f"{ci:>22} {r['test_auroc']:>6.3f} {r['test_perm_p']:>7.3f} "
+                     f"{r['size_test_acc']:>8.3f} {r['cnn_minus_size_acc']:>+8.3f}")
     return "\n".join(lines)
 
 

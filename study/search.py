@@ -87,8 +87,13 @@ def _best_result(result_grid):
     return max(candidates, key=lambda r: (r.metrics["best_val_acc"], -r.metrics["best_val_loss"]))
 
 
-def evaluate_selected(ctx: CellContext, result) -> tuple[Any, dict[str, float], dict[str, Any]]:
-    """Load the selected trial's best checkpoint and evaluate it on the cell's test subjects."""
+def evaluate_selected(ctx: CellContext, result) -> tuple[Any, dict[str, float], dict[str, Any], dict[str, np.ndarray]]:
+    """Load the selected trial's best checkpoint and evaluate it on the cell's test subjects.
+
+    Returns:
+        (model, test_* metrics, {"train": TrainConfig, "epoch": int}, per-subject test
+        predictions {"rows", "labels", "probs"} for the paired comparisons).
+    """
     import torch
 
     from data_prep.store import open_store
@@ -111,7 +116,52 @@ def evaluate_selected(ctx: CellContext, result) -> tuple[Any, dict[str, float], 
                         seed=ctx.train.seed)
     test = {f"test_{k}": v for k, v in summary.items()}
     test["test_slice_acc"] = out["slice_acc"]
-    return model, test, {"train": train, "epoch": saved["epoch"]}
+    predictions = {"rows": out["subject_rows"], "labels": out["subject_labels"], "probs": out["subject_probs"]}
+    return model, test, {"train": train, "epoch": saved["epoch"]}, predictions
+
+
+def size_and_saliency(ctx: CellContext, client, model, train, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+    """Body-size baseline beside the CNN, their paired accuracy difference, saliency PNGs.
+
+    Logs params (size.*, saliency.*) and the saliency overlays as artifacts under "saliency"
+    on the cell run; returns the metrics (size_test_*, cnn_minus_size_*, saliency_*) to log.
+    """
+    import tempfile
+
+    from data_prep.store import open_store
+    from study import tracking
+    from study.body_size import FEATURES, paired_difference, size_baseline
+    from study.engine import SUBJECT_THRESHOLD
+    from study.saliency import saliency_report
+
+    store = open_store(ctx.store)
+    size = size_baseline(store, ctx.split, ctx.labels, seed=ctx.train.seed)
+    test_rows = np.asarray(ctx.split["test"])
+    if not np.array_equal(np.asarray(predictions["rows"]), test_rows) or not np.array_equal(size["test_rows"], test_rows):
+        raise RuntimeError("CNN and size-baseline test subjects differ; cannot pair them")
+    y = np.asarray(ctx.labels["test"])
+    cnn_pred = (np.asarray(predictions["probs"]) >= SUBJECT_THRESHOLD).astype(np.int64)
+    size_pred = (size["test_probs"] >= SUBJECT_THRESHOLD).astype(np.int64)
+    diff, low, high = paired_difference(y, cnn_pred, size_pred, seed=ctx.train.seed)
+    metrics = {f"size_test_{k}": float(v) for k, v in size.items()
+               if k != "C" and np.isscalar(v) and not isinstance(v, str)}
+    metrics.update({f"size_coef_{k}": v for k, v in size["coef"].items()})
+    metrics.update(cnn_minus_size_acc=diff, cnn_minus_size_ci_low=low, cnn_minus_size_ci_high=high)
+    tracking.log_params(client, ctx.cell_run_id, {
+        "size.features": ",".join(FEATURES), "size.fit_on": size["fit_on"], "size.area_unit": size["unit"], "size.C": size["C"],
+        "size.model": "median impute + StandardScaler + LogisticRegressionCV (L2, C by 5-fold log loss)"})
+
+    method = "gradcam"
+    with tempfile.TemporaryDirectory() as tmp:
+        report = saliency_report(model.cpu(), store, predictions["rows"], predictions["labels"], predictions["probs"],
+                                 out_dir=tmp, input_size=train.input_size, method=method)
+        for path in report["paths"]:
+            client.log_artifact(ctx.cell_run_id, str(path), "saliency")
+    tracking.log_params(client, ctx.cell_run_id, {"saliency.method": method, "saliency.layer": "layer4",
+                                                  "saliency.n_subjects": len(report["paths"])})
+    metrics.update(saliency_periphery_fraction=report["periphery_fraction"],
+                   saliency_periphery_area_fraction=report["periphery_area_fraction"])
+    return metrics
 
 
 def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_concurrent: int) -> dict[str, Any]:
@@ -149,12 +199,17 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
         results = tuner.fit()
         tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
         best = _best_result(results)
-        model, test_metrics, chosen = evaluate_selected(ctx, best)
+        model, test_metrics, chosen, predictions = evaluate_selected(ctx, best)
+        try:
+            extra_metrics = size_and_saliency(ctx, client, model, chosen["train"], predictions)
+        except Exception as exc:  # the CNN's own result still counts without the comparisons
+            client.set_tag(ctx.cell_run_id, "size_saliency_error", f"{type(exc).__name__}: {exc}"[:5000])
+            extra_metrics = {}
         n_trials = len(results)
         n_errors = sum(r.error is not None for r in results)
         summary = {"best_val_acc": best.metrics["best_val_acc"], "best_val_loss": best.metrics["best_val_loss"],
                    "best_epoch": chosen["epoch"], "n_trials": n_trials, "n_trials_failed": n_errors,
-                   **test_metrics}
+                   **test_metrics, **extra_metrics}
         tracking.log_metrics(client, ctx.cell_run_id, summary)
         chosen_params = {f"best.{k}": v for k, v in dataclasses.asdict(chosen["train"]).items()
                          if k in {p.name for p in grid.search}}

@@ -86,7 +86,7 @@ def test_runs_are_nested_launch_cell_trial(pipeline):
                 "test_acc_ci_low", "test_acc_ci_high"):
         assert key in m, key
     assert m["test_acc_ci_low"] <= m["test_acc"] <= m["test_acc_ci_high"]
-    assert 0.5 <= m["test_baseline_acc"] <= 1.0
+    assert 0.0 <= m["test_baseline_acc"] <= 1.0  # train majority applied to test: may be < 0.5
     assert m["n_train"] + m["n_val"] + m["n_test"] == m["n"]
     # every trial reported one validation accuracy per epoch
     for t in by_type["trial"]:

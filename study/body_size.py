@@ -1,0 +1,217 @@
+"""Body-size baseline: does imaging add anything beyond BMI, sex and thigh areas?
+
+Usage::
+
+    from study.body_size import paired_difference, size_baseline, thigh_areas
+
+    areas = thigh_areas(store, rows)                  # muscle / fat / total area per subject
+    size = size_baseline(store, ctx.split, ctx.labels, seed=0)
+    size["acc"], size["acc_ci_low"], size["auroc"]    # study.metrics.summarize keys
+    diff, low, high = paired_difference(y_test, cnn_pred, size_pred, n_boot=2000, seed=0)
+
+Areas come from intensity thresholds of the stored images, which the recipe already scaled
+to 0..1 between the series' 0.5th and 99.5th percentiles: air is near 0, and the brightest
+tissue, fat (T1 relative signal ~0.74), sits near 1, so muscle (~0.25) lands near 0.3-0.35
+(DOMAIN.md "Tissue appearance"). Fixed fractions of that range are therefore enough; no
+per-image fitting. On the synthetic phantom every area correlates with the truth at r > 0.99
+(tests/study/test_body_size.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage, stats
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+# Stored intensity (0..1 of the recipe's window) below which a pixel is air: halfway between
+# air (~0) and muscle (~0.3). Above T_FAT a pixel is fat: halfway between muscle and fat (~0.9).
+T_BACKGROUND = 0.15
+T_FAT = 0.6
+FEATURES = ("bmi", "sex", "muscle_area", "fat_area", "total_area")
+SPACING_COLUMNS = ("pixel_spacing_row_mm", "pixel_spacing_col_mm")
+# the size model sees no hyperparameter search, so the CNN's selection partition is fair to use
+DEFAULT_FIT_ON = ("train", "val")
+CS = np.logspace(-2, 3, 11)  # inverse L2 strengths tried by the inner cross-validation
+CV_FOLDS = 5
+
+# in-plane 4-connectivity, nothing across slices: each slice is filled / eroded on its own
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def tissue_masks(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean tissue masks of stored slices, each (n, rows, cols).
+
+    Args:
+        images: uint16 store slices (n, rows, cols), or floats already in [0, 1].
+
+    Returns:
+        thigh: everything inside the skin (holes such as the dark femoral cortex filled).
+        muscle: mid-intensity pixels not on the thigh's outer edge (edge pixels are air/fat
+            partial volumes that would otherwise read as muscle).
+        fat: bright pixels in the thigh: subcutaneous and intermuscular fat, plus the marrow,
+            which T1 intensity alone cannot tell from fat.
+        periphery: the thigh outside the muscle compartment (the compartment = the muscle
+            mask with its holes filled), i.e. subcutaneous fat and skin.
+    """
+    v = np.asarray(images)
+    if v.ndim == 2:
+        v = v[None]
+    if v.ndim != 3:
+        raise ValueError(f"tissue_masks expects (n, rows, cols) slices, got shape {v.shape}")
+    v = v.astype(np.float32) / 65535.0 if v.dtype == np.uint16 else v.astype(np.float32)
+    thigh = ndimage.binary_fill_holes(v > T_BACKGROUND, structure=_IN_PLANE)
+    inner = ndimage.binary_erosion(thigh, structure=_IN_PLANE)
+    muscle = inner & (v < T_FAT)
+    fat = thigh & (v >= T_FAT)
+    compartment = ndimage.binary_fill_holes(
+        ndimage.binary_closing(muscle, structure=_IN_PLANE), structure=_IN_PLANE)
+    return {"thigh": thigh, "muscle": muscle, "fat": fat, "periphery": thigh & ~compartment}
+
+
+def _pixel_area_cm2(subjects: pd.DataFrame, rows: np.ndarray,
+                    pixel_spacing_mm: tuple[float, float] | None) -> tuple[np.ndarray, str]:
+    """cm² per stored pixel for each row, or 1.0 each and unit "px" when spacing is unknown."""
+    if pixel_spacing_mm is not None:
+        return np.full(rows.size, pixel_spacing_mm[0] * pixel_spacing_mm[1] / 100.0), "cm2"
+    if all(c in subjects.columns for c in SPACING_COLUMNS):
+        dr, dc = (subjects[c].to_numpy(dtype=float, na_value=np.nan)[rows] for c in SPACING_COLUMNS)
+        if np.isfinite(dr).all() and np.isfinite(dc).all():
+            return dr * dc / 100.0, "cm2"
+    return np.ones(rows.size), "px"
+
+
+def thigh_areas(store: Any, rows: np.ndarray, *,
+                pixel_spacing_mm: tuple[float, float] | None = None) -> pd.DataFrame:
+    """Muscle, fat and total thigh cross-sectional area of each subject.
+
+    Each area is the mean over all of the subject's stored slices (more robust than the
+    central slice alone, and what "mid-thigh area" in the 15-slice OAI stack means) of the
+    whole slice, i.e. both thighs together when both are imaged.
+
+    Args:
+        store: opened store (``.images``, ``.subjects``).
+        rows: store rows of the subjects.
+        pixel_spacing_mm: (row, col) spacing of the *stored* pixels; default: the subjects
+            table's pixel_spacing_row_mm / pixel_spacing_col_mm columns when present (read as
+            the spacing of the stored, resized pixels), else areas stay in pixels.
+
+    Returns:
+        DataFrame indexed by store row with muscle_area, fat_area, total_area; ``df.attrs
+        ["unit"]`` is "cm2" or "px".
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    subjects = store.subjects
+    starts = subjects["slice_start"].to_numpy(dtype=np.int64)
+    counts = subjects["slice_count"].to_numpy(dtype=np.int64)
+    scale, unit = _pixel_area_cm2(subjects, rows, pixel_spacing_mm)
+    out = np.zeros((rows.size, 3))
+    for i, row in enumerate(rows):
+        block = np.asarray(store.images[starts[row]:starts[row] + counts[row]])
+        masks = tissue_masks(block)
+        out[i] = [masks[k].sum() / max(1, block.shape[0]) for k in ("muscle", "fat", "thigh")]
+    df = pd.DataFrame(out * scale[:, None], index=pd.Index(rows, name="row"),
+                      columns=["muscle_area", "fat_area", "total_area"])
+    df.attrs["unit"] = unit
+    return df
+
+
+def size_features(store: Any, rows: np.ndarray, areas: pd.DataFrame | None = None) -> pd.DataFrame:
+    """FEATURES per subject: BMI (NaN if missing), sex (1 = male, 0 = female, NaN unknown), areas."""
+    rows = np.asarray(rows, dtype=np.int64)
+    areas = thigh_areas(store, rows) if areas is None else areas.loc[rows]
+    subjects = store.subjects.iloc[rows]
+    sex = subjects["sex"].map({"male": 1.0, "female": 0.0}).to_numpy(dtype=float, na_value=np.nan)
+    df = pd.DataFrame({"bmi": subjects["bmi"].to_numpy(dtype=float, na_value=np.nan), "sex": sex},
+                      index=pd.Index(rows, name="row"))
+    df = df.join(areas[["muscle_area", "fat_area", "total_area"]])
+    df.attrs["unit"] = areas.attrs.get("unit", "px")
+    return df[list(FEATURES)]
+
+
+def fit_size_baseline(features_train: pd.DataFrame | np.ndarray, y_train: np.ndarray) -> Pipeline:
+    """Logistic regression of the label on standardised body-size features.
+
+    Missing values (BMI, sex) are imputed with the training median (for 0/1 sex: the majority
+    sex), inside the pipeline so that test subjects get the training values. The L2 strength is
+    chosen by stratified k-fold cross-validation (log loss) inside the training subjects: area,
+    sex and BMI are strongly collinear, and a fixed strong penalty spreads the weight over them
+    and underfits small cells, which would flatter the CNN.
+
+    Raises:
+        ValueError: y_train holds a single class.
+    """
+    y_train = np.asarray(y_train, dtype=np.int64)
+    if np.unique(y_train).size < 2:
+        raise ValueError(f"size baseline needs both classes in its training labels, got only {np.unique(y_train)}")
+    folds = int(min(CV_FOLDS, np.bincount(y_train).min()))
+    head = (LogisticRegressionCV(Cs=CS, cv=folds, scoring="neg_log_loss", max_iter=1000,
+                                 use_legacy_attributes=False) if folds >= 2
+            else LogisticRegression(C=1.0, max_iter=1000))  # a class with one subject: no CV
+    model = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), head)
+    return model.fit(np.asarray(features_train, dtype=float), y_train)
+
+
+def size_baseline(store: Any, split: dict[str, np.ndarray], labels: dict[str, np.ndarray], *,
+                  seed: int = 0, fit_on: tuple[str, ...] = DEFAULT_FIT_ON, n_boot: int = 2000,
+                  pixel_spacing_mm: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Fit the size model on ``fit_on`` partitions and evaluate it on the test subjects.
+
+    Default fit_on is train + val: the CNN used val only to select a trial, and the size model
+    has no hyperparameters, so giving it val too is fair (and makes "CNN beats size" harder).
+    The majority-class baseline inside the summary uses the *train* labels, as for the CNN.
+
+    Returns:
+        The study.metrics.summarize keys (acc, acc_ci_low, ..., baseline_acc, perm_p), plus
+        "test_rows", "test_probs" (arrays aligned with split["test"]), "fit_on", "unit",
+        "coef" ({feature: standardised coefficient}) and "C" (the chosen inverse L2 strength).
+    """
+    from study.metrics import summarize
+
+    unknown = [p for p in (*fit_on, "test") if p not in split or p not in labels]
+    if unknown:
+        raise ValueError(f"partitions {unknown} missing from split/labels; have {sorted(split)}")
+    fit_rows = np.concatenate([np.asarray(split[p], dtype=np.int64) for p in fit_on])
+    y_fit = np.concatenate([np.asarray(labels[p], dtype=np.int64) for p in fit_on])
+    test_rows = np.asarray(split["test"], dtype=np.int64)
+    all_rows = np.concatenate([fit_rows, test_rows])
+    areas = thigh_areas(store, np.unique(all_rows), pixel_spacing_mm=pixel_spacing_mm)
+    model = fit_size_baseline(size_features(store, fit_rows, areas), y_fit)
+    probs = model.predict_proba(size_features(store, test_rows, areas).to_numpy(dtype=float))[:, 1]
+    out: dict[str, Any] = summarize(labels["test"], probs, train_labels=labels["train"], seed=seed, n_boot=n_boot)
+    imputer, lr = model.named_steps["simpleimputer"], model.steps[-1][1]
+    kept = [f for f, keep in zip(FEATURES, ~np.isnan(imputer.statistics_)) if keep]
+    out.update(test_rows=test_rows, test_probs=probs, fit_on="+".join(fit_on), unit=areas.attrs["unit"],
+               coef=dict(zip(kept, lr.coef_[0].tolist())), C=float(np.ravel(lr.C_)[0]) if hasattr(lr, "C_") else float(lr.C))
+    return out
+
+
+def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *,
+                      n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """accuracy(a) − accuracy(b) on the same subjects, with a paired percentile bootstrap CI.
+
+    Subjects are resampled once per replicate for both predictors (scipy.stats.bootstrap,
+    paired=True), so the CI reflects the correlation between the two predictors' errors.
+
+    Returns:
+        (difference on all subjects, lower alpha/2 quantile, upper 1 - alpha/2 quantile).
+    """
+    y, a, b = (np.asarray(v).astype(np.int64) for v in (y_true, pred_a, pred_b))
+    if not (y.shape == a.shape == b.shape) or y.ndim != 1 or y.size == 0:
+        raise ValueError(f"need equal non-empty 1-D arrays, got {y.shape}, {a.shape}, {b.shape}")
+    diff = float(np.mean(a == y) - np.mean(b == y))
+    if y.size < 2:
+        return diff, float("nan"), float("nan")
+
+    def statistic(yy, aa, bb, axis=-1):
+        return np.mean(aa == yy, axis=axis) - np.mean(bb == yy, axis=axis)
+
+    res = stats.bootstrap((y, a, b), statistic, paired=True, vectorized=True, n_resamples=n_boot,
+                          confidence_level=1 - alpha, method="percentile", rng=np.random.default_rng(seed))
+    return diff, float(res.confidence_interval.low), float(res.confidence_interval.high)
