@@ -199,9 +199,11 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
         results = tuner.fit()
         tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
         best = _best_result(results)
-        model, test_metrics, chosen, predictions = evaluate_selected(ctx, best)
+        replication = grid.protocol == "seed_replication"
+        eval_ctx = validation_as_reported(ctx) if replication else ctx
+        model, test_metrics, chosen, predictions = evaluate_selected(eval_ctx, best)
         try:
-            extra_metrics = size_and_saliency(ctx, client, model, chosen["train"], predictions)
+            extra_metrics = size_and_saliency(eval_ctx, client, model, chosen["train"], predictions)
         except Exception as exc:  # the CNN's own result still counts without the comparisons
             client.set_tag(ctx.cell_run_id, "size_saliency_error", f"{type(exc).__name__}: {exc}"[:5000])
             extra_metrics = {}
@@ -210,6 +212,9 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
         summary = {"best_val_acc": best.metrics["best_val_acc"], "best_val_loss": best.metrics["best_val_loss"],
                    "best_epoch": chosen["epoch"], "n_trials": n_trials, "n_trials_failed": n_errors,
                    **test_metrics, **extra_metrics}
+        if replication:  # name the numbers for what they are: validation subjects, also used for selection
+            summary = {k.replace("test_", "val_"): v for k, v in summary.items()}
+        client.set_tag(ctx.cell_run_id, "reported_partition", "val" if replication else "test")
         tracking.log_metrics(client, ctx.cell_run_id, summary)
         chosen_params = {f"best.{k}": v for k, v in dataclasses.asdict(chosen["train"]).items()
                          if k in {p.name for p in grid.search}}
@@ -230,12 +235,21 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
         client.set_tag(ctx.cell_run_id, "model_uri", info.model_uri)
         status = "FINISHED"
         return {"cell": ctx.cell.name, **ctx.cell.axes, **summary, "model_uri": info.model_uri,
+                "reported_partition": "val" if replication else "test",
                 "cell_run_id": ctx.cell_run_id, "status": "ok", **{k: v for k, v in chosen_params.items()}}
     except Exception as exc:  # one failing cell must not take the other cells' results with it
         client.set_tag(ctx.cell_run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
         return {"cell": ctx.cell.name, **ctx.cell.axes, "status": f"failed: {type(exc).__name__}: {exc}"}
     finally:
         client.set_terminated(ctx.cell_run_id, status)
+
+
+def validation_as_reported(ctx: CellContext) -> CellContext:
+    """The seed's protocol: the validation subjects play the test set's part (optimistically)."""
+    empty = ctx.split["val"][:0]
+    return dataclasses.replace(
+        ctx, split={"train": ctx.split["train"], "val": empty, "test": ctx.split["val"]},
+        labels={"train": ctx.labels["train"], "val": ctx.labels["val"][:0], "test": ctx.labels["val"]})
 
 
 def remote_cell_runner():

@@ -129,3 +129,24 @@ def test_no_planted_phi_reaches_store_or_mlflow(pipeline, mlflow_server):
         data = path.read_bytes()
         for value in phi:
             assert value.encode() not in data, f"PHI {value!r} found in {path}"
+
+
+def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tmp):
+    from mlflow.tracking import MlflowClient
+
+    from study.launch import main as launch_main
+
+    grid = {**GRID, "name": "e2e_seed", "protocol": "seed_replication", "store": str(pipeline["store"]),
+            "threshold_fit": "all", "trials_per_cell": 1, "search": {"freeze": {"choice": ["fc"]}},
+            "train": {**GRID["train"], "epochs": 1}, "split": {"val": 0.2, "test": 0, "seed": 0}}
+    path = pipeline["root"] / "seed.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert launch_main(["--grid", str(path), "--tracking-uri", pipeline["url"], "--num-cpus", "2",
+                        "--storage-path", str(short_tmp / "ray_seed")]) == 0
+    client = MlflowClient(pipeline["url"])
+    exp = client.get_experiment_by_name("e2e_seed")
+    (cell,) = client.search_runs([exp.experiment_id], "tags.run_type = 'cell'")
+    assert cell.data.tags["reported_partition"] == "val"
+    assert "val_acc" in cell.data.metrics and "val_baseline_acc" in cell.data.metrics
+    assert not any(k.startswith("test_") for k in cell.data.metrics)  # nothing pretends to be a test set
+    assert cell.data.metrics["n_test"] == 0
