@@ -33,7 +33,9 @@ SCHEDULERS = ("none", "asha")
 # holdout: select on validation subjects, report on untouched test subjects (the default).
 # seed_replication: the seed abstract's protocol (train/val only, validation accuracy reported);
 # optimistic by construction, kept only to reproduce the published number.
-PROTOCOLS = ("holdout", "seed_replication")
+# nested_cv: for small strata; hyperparameters and epochs chosen by k-fold CV on the non-test
+# subjects, the chosen configuration refitted on all of them and reported on the test subjects.
+PROTOCOLS = ("holdout", "seed_replication", "nested_cv")
 
 
 class GridError(ValueError):
@@ -63,6 +65,7 @@ class SplitConfig:
     test: float = 0.15  # subjects never seen until the selected model is evaluated
     seed: int = 0
     stratify_sex: bool = True
+    folds: int = 5  # inner folds of protocol nested_cv (train+val subjects; test stays outside)
 
 
 @dataclass(frozen=True)
@@ -287,7 +290,15 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     protocol = raw.get("protocol", "holdout")
     if protocol not in PROTOCOLS:
         errors.append(f"protocol: unknown value {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    if protocol == "nested_cv":
+        if isinstance(split.folds, bool) or not isinstance(split.folds, int) or split.folds < 2:
+            errors.append(f"split.folds: protocol nested_cv needs an integer >= 2, got {split.folds!r}")
+        if raw.get("scheduler", "none") != "none":
+            errors.append("scheduler: protocol nested_cv reports once per fold, so early stopping "
+                          "(asha) cannot compare epochs; use scheduler: none")
     for name, frac in (("split.val", split.val), ("split.test", split.test)):
+        if name == "split.val" and protocol == "nested_cv":
+            continue  # the folds play the validation set's part
         if name == "split.test" and protocol == "seed_replication":
             if frac != 0:
                 errors.append(f"split.test: protocol seed_replication has no test set (the seed reported "

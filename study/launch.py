@@ -18,7 +18,6 @@ if __package__ in (None, ""):  # run as a file: make the repo's packages importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -117,7 +116,8 @@ def run_grid(grid: GridConfig, store, plans: list[CellPlan], *, tracking_uri: st
                               store_hash=store.content_hash, train=grid.train, split=plan.split, labels=plan.labels,
                               threshold=plan.threshold, threshold_rule=plan.threshold_rule, direction=plan.direction,
                               tracking_uri=tracking_uri, experiment_id=exp_id, cell_run_id=cell_run,
-                              cpus_per_trial=grid.resources_per_trial.cpu, gpus_per_trial=grid.resources_per_trial.gpu)
+                              cpus_per_trial=grid.resources_per_trial.cpu, gpus_per_trial=grid.resources_per_trial.gpu,
+                              protocol=grid.protocol)
             futures.append(runner.remote(ctx, grid, storage_path=storage_path, max_concurrent=max_conc))
         results = ray.get(futures)
         for plan, r in zip(plans, results):

@@ -31,11 +31,13 @@ class CellPlan:
 
     @property
     def n(self) -> int:
-        return int(sum(len(v) for v in self.split.values()))
+        return int(len(np.unique(np.concatenate(list(self.split.values())))))
 
     def counts(self) -> dict[str, int]:
         out = {"n": self.n}
         for part, y in self.labels.items():
+            if part.startswith("fold"):
+                continue  # inner CV folds partition "train"
             out[f"n_{part}"] = int(len(y))
             out[f"n_{part}_high"] = int(np.sum(y == 1))
         return out
@@ -66,13 +68,20 @@ def plan_cell(grid: GridConfig, subjects: pd.DataFrame, cell: Cell, direction: s
     strata = None
     if grid.split.stratify_sex and cell.sex == "all" and "sex" in subjects:
         strata = subjects["sex"].astype(str).to_numpy()[rows]
-    split = split_subjects(rows, labels_all, val=grid.split.val, test=grid.split.test,
-                           seed=grid.split.seed, strata=strata)
-    check_disjoint(split, subjects["subject_id"].to_numpy())
+    if grid.protocol == "nested_cv":
+        split = nested_cv_split(rows, labels_all, test=grid.split.test, folds=grid.split.folds,
+                                seed=grid.split.seed, strata=strata)
+    else:
+        split = split_subjects(rows, labels_all, val=grid.split.val, test=grid.split.test,
+                               seed=grid.split.seed, strata=strata)
+    # the guard, at every split; inner folds partition "train", so they are checked instead of it
+    guarded = {k: v for k, v in split.items() if not (grid.protocol == "nested_cv" and k == "train")}
+    check_disjoint(guarded, subjects["subject_id"].to_numpy())
     threshold = provisional
     if grid.threshold_fit == "train":
         # held-out subjects' measures must not move the threshold they are labelled by
-        held_out = np.concatenate([split["val"], split["test"]])
+        held_out = np.concatenate([split[p] for p in split if p not in ("train",) and not p.startswith("fold")]
+                                  + ([split["test"]] if grid.protocol == "nested_cv" else []))
         ref = np.setdiff1d(ref, held_out)
         population = f"training subjects among {population}"
         threshold = function_threshold(subjects, measure=cell.measure, rows=ref)
@@ -80,14 +89,39 @@ def plan_cell(grid: GridConfig, subjects: pd.DataFrame, cell: Cell, direction: s
     rule = f"median of {cell.measure} over {len(ref)} {population}"
     row_to_label = dict(zip(rows.tolist(), labels_all.tolist()))
     labels = {part: np.array([row_to_label[r] for r in split[part]], dtype=np.int64) for part in split}
-    for part in ("train", "val", "test"):
-        if part == "test" and grid.protocol == "seed_replication":
-            continue  # that protocol has no test partition
+    for part in labels:
+        if len(labels[part]) == 0 and grid.protocol != "holdout":
+            continue  # seed_replication has no test partition, nested_cv no fixed val partition
         if len(np.unique(labels[part])) < 2:
             raise PlanError(f"cell {cell.name}: the {part} partition ({len(labels[part])} subjects) "
                             f"holds one class only; use more subjects or a larger split.{part}")
     return CellPlan(cell=cell, split=split, labels=labels, threshold=float(threshold),
                     threshold_rule=rule, direction=direction)
+
+
+def nested_cv_split(rows: np.ndarray, labels: np.ndarray, *, test: float, folds: int, seed: int,
+                    strata: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Outer test subjects + k inner folds over the rest, stratified by label (and sex).
+
+    Returns {"train": all non-test rows (the refit set), "val": empty, "test": ...,
+    "fold0" ... "fold{k-1}": the inner validation folds, which partition "train"}.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    outer = split_subjects(rows, labels, val=test, test=0, seed=seed, strata=strata)
+    train, test_rows = outer["train"], outer["val"]
+    pos = np.searchsorted(rows, train) if np.all(np.diff(rows) > 0) else np.array([np.where(rows == r)[0][0] for r in train])
+    y = labels[pos]
+    key = y.astype(str) if strata is None else np.char.add(y.astype(str), np.asarray(strata)[pos].astype(str))
+    if np.unique(key, return_counts=True)[1].min() < folds:
+        key = y.astype(str)  # a sex x label stratum smaller than k: stratify by label only
+    if np.unique(key, return_counts=True)[1].min() < folds:
+        raise PlanError(f"{len(train)} non-test subjects cannot fill {folds} folds with both classes; "
+                        "lower split.folds or use protocol holdout")
+    out = {"train": train, "val": train[:0], "test": test_rows}
+    for i, (_, val_idx) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(train, key)):
+        out[f"fold{i}"] = np.sort(train[val_idx])
+    return out
 
 
 def plan_cells(grid: GridConfig, store) -> list[CellPlan]:

@@ -176,7 +176,9 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
     client = MlflowClient(ctx.tracking_uri)
     searcher = _pruned_aware_searcher(optuna_space(grid.search),
                                       seed=cell_seed(ctx.cell.name, grid.split.seed),
-                                      startup=grid.optuna_startup_trials, max_epochs=grid.train.epochs)
+                                      startup=grid.optuna_startup_trials,
+                                      # only a scheduler stops trials early; without one nothing is pruned
+                                      max_epochs=grid.train.epochs if grid.scheduler == "asha" else 0)
     scheduler = None
     if grid.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=grid.train.epochs,

@@ -15,6 +15,21 @@ import pytest
 from mlflow_server import server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_dir(tmp_path_factory):
+    """Frozen-feature cache in a temp dir, so tests never write into the repo's runs/."""
+    import os
+
+    path = tmp_path_factory.mktemp("feature_cache")
+    old = os.environ.get("THIGHMRI_FEATURE_CACHE")
+    os.environ["THIGHMRI_FEATURE_CACHE"] = str(path)  # also inherited by Ray workers started later
+    yield path
+    if old is None:
+        os.environ.pop("THIGHMRI_FEATURE_CACHE", None)
+    else:
+        os.environ["THIGHMRI_FEATURE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> server.ServerInfo:
     """A real tracking server (SQLite + proxied artifacts) in a temp home on a free port.

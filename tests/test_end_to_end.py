@@ -150,3 +150,25 @@ def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tm
     assert "val_acc" in cell.data.metrics and "val_baseline_acc" in cell.data.metrics
     assert not any(k.startswith("test_") for k in cell.data.metrics)  # nothing pretends to be a test set
     assert cell.data.metrics["n_test"] == 0
+
+
+def test_nested_cv_selects_on_inner_folds_and_reports_outer_test(pipeline, short_tmp):
+    from mlflow.tracking import MlflowClient
+
+    from study.launch import main as launch_main
+
+    grid = {**GRID, "name": "e2e_cv", "protocol": "nested_cv", "store": str(pipeline["store"]),
+            "trials_per_cell": 1, "search": {"freeze": {"choice": ["fc"]}},
+            "train": {**GRID["train"], "epochs": 2}, "split": {"test": 0.25, "folds": 3, "seed": 0}}
+    path = pipeline["root"] / "cv.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert launch_main(["--grid", str(path), "--tracking-uri", pipeline["url"], "--num-cpus", "2",
+                        "--storage-path", str(short_tmp / "ray_cv")]) == 0
+    client = MlflowClient(pipeline["url"])
+    exp = client.get_experiment_by_name("e2e_cv")
+    (cell,) = client.search_runs([exp.experiment_id], "tags.run_type = 'cell'")
+    (trial,) = client.search_runs([exp.experiment_id], "tags.run_type = 'trial'")
+    assert len(client.get_metric_history(trial.info.run_id, "fold_best_val_acc")) == 3
+    assert len(client.get_metric_history(trial.info.run_id, "cv_val_acc")) == 2
+    assert cell.data.metrics["best_val_acc"] == pytest.approx(trial.data.metrics["best_val_acc"])
+    assert "test_acc" in cell.data.metrics and cell.data.metrics["n_val"] == 0

@@ -303,3 +303,47 @@ def test_incomplete_store_refused(tmp_path):
         StoreWriter.start(path, recipe, build_key="oai:y")
     with pytest.raises(StoreError, match="holds a build of cohort .oai. that was interrupted"):
         StoreWriter.start(path, recipe, build_key="somma:z", append=True)
+
+
+def test_wrong_orientation_and_too_few_slices_are_categorised(tmp_path):
+    # the series selection's own category reaches the report: a coronal thigh series is
+    # wrong_orientation (not no_thigh_series), a 10-slice one too_few_slices
+    from test_dicom_series import CORONAL, write_series
+
+    recipe = Recipe(n_slices=15, size=(32, 32))
+    patterns = ["^AX_T1_THIGH$"]
+    write_series(tmp_path / "coronal" / "s3", n=15, orientation=CORONAL)
+    write_series(tmp_path / "coronal" / "s1", n=4, description="MP_LOCATOR_THIGH",
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), series_number=1)
+    write_series(tmp_path / "short" / "s3", n=10)
+    write_series(tmp_path / "good" / "s3", n=15)
+    (tmp_path / "good" / "notes.txt").write_text("scanner log\n")
+    reasons = {}
+    for name in ("coronal", "short", "good"):
+        res = build_store.process_participant(tmp_path / name, patterns, recipe)
+        reasons[name] = [(p["reason"], p["fatal"]) for p in res.problems]
+    assert reasons["coronal"] == [("wrong_orientation", True)]
+    assert reasons["short"] == [("too_few_slices", True)]
+    assert reasons["good"] == [("not_dicom", False)]  # SkippedFile.category, not fatal
+
+
+def test_visit_option_picks_the_folder_and_unknown_visits_are_listed(cohort, tmp_path,
+                                                                      monkeypatch, capsys):
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    with pytest.raises(SystemExit):
+        run_build(cohort, tmp_path / "v.zarr", "oai", "--visit", "99m")
+    err = capsys.readouterr().err
+    assert "unknown visit '99m'" in err and "'24m'" in err
+    with pytest.raises(SystemExit):  # a known visit without images in this tree
+        run_build(cohort, tmp_path / "v.zarr", "oai", "--visit", "24m")
+    assert "24m" in capsys.readouterr().err and not (tmp_path / "v.zarr").exists()
+    # the baseline images copied under 24m/ and the table's V00 columns renamed V03 (the
+    # 24m prefix): --visit 24m reads both
+    dicom = tmp_path / "oai" / "dicom"
+    shutil.copytree(cohort / "oai" / "dicom" / "00m", dicom / "24m")
+    shutil.copytree(cohort / "oai" / "tables", tmp_path / "oai" / "tables")
+    clinical = tmp_path / "oai" / "tables" / "AllClinical_ASCII" / "AllClinical00.txt"
+    clinical.write_bytes(clinical.read_bytes().replace(b"V00", b"V03"))
+    assert run_build(tmp_path, tmp_path / "v.zarr", "oai", "--visit", "24m") == 0
+    store = open_store(tmp_path / "v.zarr")
+    assert store.attrs["cohorts"]["oai"]["visit"] == "24m" and len(store.subjects) > 0

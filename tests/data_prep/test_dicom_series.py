@@ -221,3 +221,25 @@ def test_truncated_and_empty_pixel_data_are_categorised(tmp_path):
         decode_file(tmp_path / "text")
     assert err.value.reason == "not_dicom"
     assert err.value.reason in REASONS
+
+
+def test_scan_keeps_thigh_datasets_so_each_file_is_parsed_once(tmp_path, monkeypatch):
+    import data_prep.dicom_series as ds_module
+
+    write_series(tmp_path / "s3", n=6, slope=2.0, intercept=-5.0)
+    write_series(tmp_path / "s1", n=3, description="MP_LOCATOR_THIGH",
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), series_number=1)
+    reference, ref_geometry = load_volume(
+        select_thigh_series(scan_tree(tmp_path).series, ["THIGH"]).series)
+    calls = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(ds_module.pydicom, "dcmread",
+                        lambda path, **kw: calls.append(path) or real(path, **kw))
+    scan = scan_tree(tmp_path, keep_patterns=["THIGH"])
+    thigh = select_thigh_series(scan.series, ["THIGH"]).series
+    assert len(thigh.datasets) == 6  # the localizer's datasets are not kept
+    assert all(not s.datasets for s in scan.series if s.is_localizer)
+    volume, geometry = load_volume(thigh)
+    assert len(calls) == 9 and len(set(calls)) == 9  # every file parsed exactly once
+    assert np.array_equal(volume, reference) and geometry == ref_geometry
+    assert not thigh.datasets  # released after decoding

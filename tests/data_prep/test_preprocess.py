@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.preprocess import (Recipe, TooFewSlicesError, apply_recipe, resize_slice,
-                                 select_stack)
+from scipy import ndimage
+
+from data_prep.preprocess import (Recipe, TooFewSlicesError, apply_recipe, percentiles,
+                                 resize_slice, select_stack)
 
 
 def test_select_stack_central():
@@ -20,7 +22,11 @@ def test_select_stack_central():
 def test_recipe_round_trip_and_unknown_keys():
     r = Recipe(n_slices=5, size=(32, 64))
     assert Recipe.from_dict(r.to_dict()) == r
-    assert Recipe.from_dict({"size": [32, 64], "n_slices": 5}) == r  # YAML/JSON lists
+    assert Recipe.from_dict({"size": [32, 64], "n_slices": 5, "version": 2}) == r  # lists
+    # a recipe stored before versions existed was made by version 1 (Gaussian + zoom resize)
+    assert Recipe.from_dict({"size": [32, 64], "n_slices": 5}).version == 1
+    with pytest.raises(ValueError, match=r"version 3 is not supported; supported: \[1, 2\]"):
+        Recipe(version=3)
     with pytest.raises(ValueError, match=r"allowed keys: \['n_slices', 'size'"):
         Recipe.from_dict({"n_slice": 5})
     with pytest.raises(ValueError, match="p_low < p_high"):
@@ -82,3 +88,66 @@ def test_long_stack_keeps_central_slices_and_too_few_is_categorised():
     recipe = Recipe(n_slices=15, size=(8, 16), p_low=1.0, p_high=99.0)
     again, _ = apply_recipe(volume, Recipe.from_dict(recipe.to_dict()))
     assert np.array_equal(again, apply_recipe(volume, recipe)[0])
+
+
+def _reference_recipe(volume: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """The recipe written the slow, obvious way (np.percentile on float64, element-wise
+    scaling, Gaussian + zoom resize): version 1 must match it bit for bit."""
+    w = select_stack(volume.shape[0], recipe.n_slices)
+    stack = volume[w].astype(np.float64)
+    lo, hi = np.percentile(stack, [recipe.p_low, recipe.p_high])
+    scaled = (np.clip(stack, lo, hi) - lo) / (hi - lo) if hi > lo else np.zeros_like(stack)
+    out = []
+    for image in scaled:
+        if image.shape != recipe.size:
+            f = [image.shape[i] / recipe.size[i] for i in range(2)]
+            image = ndimage.gaussian_filter(image, [max(0.0, (x - 1) / 2) for x in f],
+                                            mode="nearest")
+            image = ndimage.zoom(image, [recipe.size[i] / image.shape[i] for i in range(2)],
+                                 order=1, mode="nearest", grid_mode=True)
+        out.append(np.rint(np.clip(image, 0.0, 1.0) * 65535).astype(np.uint16))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["integer", "integer_offset", "float", "few_levels"])
+def test_fast_paths_are_identical_to_the_reference(kind):
+    # integer-valued stacks take the histogram + lookup-table path, others the partition
+    # path; both must give exactly what np.percentile + element-wise float64 arithmetic give
+    rng = np.random.default_rng(3)
+    volume = {
+        "integer": rng.integers(0, 4000, (17, 32, 64)).astype(np.float32),
+        "integer_offset": rng.integers(-1024, 3000, (17, 32, 64)).astype(np.float32),
+        "float": rng.normal(300, 80, (17, 32, 64)).astype(np.float32),
+        "few_levels": rng.integers(0, 3, (17, 32, 64)).astype(np.float32),
+    }[kind]
+    for size in [(32, 64), (16, 32), (12, 24)]:
+        recipe = Recipe(n_slices=15, size=size, p_low=0.5, p_high=99.5, version=1)
+        out, stats = apply_recipe(volume, recipe)
+        assert np.array_equal(out, _reference_recipe(volume, recipe)), size
+        stack = volume[1:16].astype(np.float64)
+        assert (stats["intensity_low"], stats["intensity_high"]) == tuple(
+            np.percentile(stack, [0.5, 99.5]))
+
+
+def test_percentiles_match_numpy_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        n = int(rng.integers(1, 300))
+        values = [rng.integers(-50, 3000, n).astype(np.float32),
+                  (rng.normal(size=n) * 100).astype(np.float32),
+                  rng.integers(0, 4, n).astype(np.uint16)][trial % 3]
+        qs = [float(rng.choice([0.0, 0.5, 50.0, 99.5, 100.0, rng.uniform(0, 100)]))
+              for _ in range(2)]
+        assert percentiles(values, qs) == tuple(np.percentile(values.astype(np.float64), qs))
+
+
+def test_version_2_resizes_whole_factors_by_block_mean():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(64, 128))
+    blocks = image.reshape(32, 2, 64, 2).mean(axis=(1, 3))
+    assert np.array_equal(resize_slice(image, (32, 64)), blocks)
+    assert not np.allclose(resize_slice(image, (32, 64), version=1), blocks)
+    # a non-whole factor keeps the Gaussian + zoom path in both versions
+    assert np.array_equal(resize_slice(image, (48, 96)), resize_slice(image, (48, 96), 1))
+    checker = (np.indices((64, 128)).sum(axis=0) % 2).astype(float)
+    assert np.abs(resize_slice(checker, (32, 64)) - 0.5).max() < 1e-12  # anti-aliased

@@ -132,3 +132,47 @@ def test_append_is_refused_on_incomplete_and_keeps_base(tmp_path):
     assert np.array_equal(store.images[:6], first.images[:])
     assert json.loads(json.dumps(store.attrs["counts"]))["per_cohort"] == {"oai": 2, "somma": 1}
     assert verify_store(path) == []
+
+
+def test_worker_encoded_chunks_are_zarrs_own_bytes(tmp_path):
+    # workers compress slices (encode_slices) and the writer only writes the files: the
+    # bytes must be exactly what zarr writes, and read back through zarr unchanged
+    from data_prep.store import encode_slices, slice_digests
+
+    entry, images, stats = _subject(0)
+    plain = StoreWriter.start(tmp_path / "plain.zarr", RECIPE, build_key=KEY)
+    plain.add(entry, images, stats)
+    fast = StoreWriter.start(tmp_path / "fast.zarr", RECIPE, build_key=KEY)
+    assert fast.takes_encoded
+    fast.add(entry, None, stats, slice_digests(images), encoded=encode_slices(images))
+    for i in range(RECIPE.n_slices):
+        key = Path("images", "c", str(i), "0", "0")
+        assert (tmp_path / "fast.zarr" / key).read_bytes() == \
+            (tmp_path / "plain.zarr" / key).read_bytes()
+    assert _finish(plain) == _finish(fast)
+    assert np.array_equal(open_store(tmp_path / "fast.zarr").images[:], images)
+    bad = StoreWriter.start(tmp_path / "bad.zarr", RECIPE, build_key=KEY)
+    with pytest.raises(StoreError, match="3 blosc chunks of 256 bytes"):
+        bad.add(entry, None, stats, slice_digests(images), encoded=encode_slices(images[:2]))
+
+
+def test_store_with_another_codec_is_written_through_zarr(tmp_path):
+    # a store made before IMAGE_CODEC (zarr's default zstd) still takes appends: the writer
+    # refuses worker-encoded chunks for it, and build_store then sends it the images
+    from zarr.codecs import ZstdCodec
+
+    path = tmp_path / "old.zarr"
+    _store(path, n=2)
+    root = zarr.open_group(str(path), mode="r+")
+    old = root["images"][:]
+    del root["images"]
+    root.create_array("images", shape=old.shape, chunks=(1, 8, 16), dtype="uint16",
+                      compressors=ZstdCodec(level=0))[:] = old
+    entry, images, stats = _subject(7)
+    writer = StoreWriter.start(path, RECIPE, build_key="somma:x", append=True)
+    assert not writer.takes_encoded
+    with pytest.raises(StoreError, match="does not use IMAGE_CODEC"):
+        writer.add(entry, None, stats, ["00" * 32] * 3, encoded=[b""] * 3)
+    writer.add(entry, images, stats)
+    _finish(writer)
+    assert np.array_equal(open_store(path).images[6:], images)

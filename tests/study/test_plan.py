@@ -80,3 +80,23 @@ def test_every_problem_listed_before_any_compute():
     with pytest.raises(PlanError) as exc:
         plan_cells(small, store)
     assert "2 cell(s) cannot run" in str(exc.value) and "min_subjects_per_cell is 30" in str(exc.value)
+
+
+def test_nested_cv_folds_partition_the_non_test_subjects():
+    store = _store(n=150)
+    grid = _grid(protocol="nested_cv", split={"test": 0.2, "folds": 4, "seed": 1},
+                 grid={"cohort": ["oai"], "measure": ["leg_strength"]})
+    (plan,) = plan_cells(grid, store)
+    folds = [plan.split[f"fold{i}"] for i in range(4)]
+    assert np.array_equal(np.sort(np.concatenate(folds)), np.sort(plan.split["train"]))
+    assert not set(plan.split["train"].tolist()) & set(plan.split["test"].tolist())
+    assert all(abs(len(f) - len(plan.split["train"]) / 4) <= 1 for f in folds)
+    assert all(0 < plan.labels[f"fold{i}"].mean() < 1 for i in range(4))  # both classes in every fold
+    assert plan.counts()["n"] == 112  # oai subjects, each counted once
+    assert plan.counts()["n_train"] + plan.counts()["n_test"] == plan.counts()["n"]
+
+
+def test_nested_cv_rejects_asha_and_single_fold():
+    with pytest.raises(Exception) as exc:
+        _grid(protocol="nested_cv", scheduler="asha", split={"test": 0.2, "folds": 1})
+    assert "split.folds" in str(exc.value) and "scheduler" in str(exc.value)
