@@ -10,7 +10,7 @@ DEMO_SUBJECTS ?= 160
 DEMO_SEED ?= 7
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-data demo-store demo-study test test-fast mlflow-start mlflow-stop mlflow-status clean-demo
+.PHONY: venv demo demo-data demo-store demo-study demo-null test test-fast mlflow-start mlflow-stop mlflow-status clean-demo
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,17 @@ demo-study: venv
 	@$(PY) -m mlflow_server status
 
 demo: demo-store demo-study
+
+# Negative control: the same grid on a cohort whose measures ignore the images (synth --null).
+# Accuracy should stay inside the baseline's CI, with permutation p > 0.05.
+NULL := data/demo_null
+demo-null: venv
+	test -f $(NULL)/cohort/manifest.json || $(PY) data_prep/synth.py --out $(NULL)/cohort --subjects $(DEMO_SUBJECTS) --seed $(DEMO_SEED) --null
+	test -s $(NULL)/pseudonym_salt || $(PY) -c "import secrets; print(secrets.token_hex(32))" > $(NULL)/pseudonym_salt
+	test -f $(NULL)/store.zarr/zarr.json || $(PY) data_prep/build_store.py --dicom $(NULL)/cohort/oai/dicom \
+	    --tables $(NULL)/cohort/oai/tables --cohort oai --out $(NULL)/store.zarr --size 128x256 --salt-file $(NULL)/pseudonym_salt
+	$(PY) study/launch.py --grid ablations/demo.yaml --set store=$(NULL)/store.zarr --set name=demo_null \
+	    --results runs/demo_null_cells.csv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
