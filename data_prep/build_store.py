@@ -7,16 +7,20 @@
         --cohort somma --out data/demo.zarr --size 128x256 --append
     python data_prep/build_store.py --verify data/demo.zarr
 
-Each folder directly under the DICOM root (after the spec's visit folder, e.g. `00m`) is one
-participant. Every unusable file or participant (reasons: store.REASONS) is listed in the
-store's `ingest_problems` and in `<store>.ingest_report.csv`, and the build goes on. Nothing
-printed names a participant by anything but its pseudonym.
+Each folder under the DICOM root's visit folder (`--visit`, default the spec's own visit;
+e.g. `00m`), one level deep or `dicom.participant_depth` deep (batch folders), is one
+participant (cohorts.participant_folders). Every unusable file or participant (reasons:
+store.REASONS) is listed in the store's `ingest_problems` and in
+`<store>.ingest_report.csv`, and the build goes on. Nothing printed names a participant by
+anything but its pseudonym.
 
-Participants are read in parallel (`--workers` processes, at most 2 x workers in flight) and
-written in sorted folder order by this process alone: the store and its content hash are the
-same for any worker count. Interrupted (killed, crashed)? Rerun the same command: it resumes
-from the store's journal and skips finished participants. The store is marked complete only
-at the very end; until then `open_store` refuses it.
+Participants are read, preprocessed, hashed and their slices compressed in parallel
+(`--workers` processes, at most 2 x workers in flight); this process alone assigns slice
+offsets in sorted folder order and writes the compressed chunks (one file per slice) and the
+journal: the store and its content hash are the same for any worker count. Interrupted
+(killed, crashed)? Rerun the same command: it resumes from the store's journal and skips
+finished participants. The store is marked complete only at the very end; until then
+`open_store` refuses it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import hmac
 import itertools
 import json
 import os
-import re
 import sys
 import time
 from collections import Counter, deque
@@ -45,14 +48,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, builtin_specs,
-                               load_cohort_table, load_spec)
+from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, apply_column_overrides,
+                               builtin_specs, load_cohort_table, load_spec,
+                               participant_folders, select_visit)
 from data_prep.dicom_series import (DicomSeriesError, load_volume, scan_tree,
                                     select_thigh_series)
 from data_prep.preprocess import Recipe, apply_recipe
 from data_prep.store import (SaltError, StoreError, StoreWriter, ingest_report_path,
-                             load_salt, open_store, pseudonym, read_journal, slice_digests,
-                             verify_store)
+                             encode_slices, load_salt, open_store, pseudonym, read_journal,
+                             slice_digests, verify_store)
 
 # Seconds to pause after each participant is journaled: lets tests interrupt a build midway.
 DELAY_ENV = "THIGHMRI_INGEST_DELAY_S"
@@ -69,13 +73,15 @@ class ParticipantResult:
     stats: dict[str, Any] | None = None
     spacing: tuple[float, float] | None = None  # stored pixel spacing (row, col), mm
     digests: list[str] | None = None  # sha256 per stored slice (hashing off the writer)
+    encoded: list[bytes] | None = None  # store.encode_slices(images), then images is None
     # problems: reason (one of store.REASONS), detail, file (index into the folder's sorted
     # file list, or None for the participant), fatal (participant skipped)
     problems: list[dict[str, Any]] = field(default_factory=list)
 
 
 def classify_series_error(message: str) -> str:
-    """A reason category (store.REASONS) for a load_volume / apply_recipe error message."""
+    """A reason category (store.REASONS) for an error that carries no `.reason` (e.g. the
+    NaN check of apply_recipe); DicomSeriesError and TooFewSlicesError carry one."""
     m = message.lower()
     if "less than expected" in m or "truncat" in m or "cannot be read" in m:
         return "truncated"
@@ -88,34 +94,21 @@ def classify_series_error(message: str) -> str:
     return "inconsistent_geometry"  # size, orientation, spacing, positions, frames
 
 
-def _file_problem_reason(reason: str) -> str:
-    r = reason.lower()
-    if r.startswith("not a dicom"):
-        return "not_dicom"
-    if "unreadable" in r:
-        return "truncated"
-    return "no_pixel_data"  # DICOM without image geometry (DICOMDIR, reports, ...)
-
-
 def process_participant(folder: Path, patterns: list[str], recipe: Recipe) -> ParticipantResult:
     """Scan one participant's folder, pick and load the thigh series, apply the recipe."""
-    scan = scan_tree(folder)
+    scan = scan_tree(folder, keep_patterns=patterns)  # each thigh file is parsed once
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     index = {p: i for i, p in enumerate(files)}
     result = ParticipantResult(folder=folder.name, key=None,
                                keys_seen=sorted({s.patient_key for s in scan.series
                                                  if s.patient_key}))
     for s in scan.skipped:
-        result.problems.append({"reason": _file_problem_reason(s.reason), "detail": s.reason,
+        result.problems.append({"reason": s.category, "detail": s.reason,
                                 "file": index.get(s.path), "fatal": False})
-    selection = select_thigh_series(scan.series, patterns)
+    selection = select_thigh_series(scan.series, patterns, min_slices=recipe.n_slices)
     if selection.series is None:
-        regexes = [re.compile(p, re.IGNORECASE) for p in patterns]
-        tilted = [s for s, why in selection.rejected if why.startswith("not axial")
-                  and any(r.search(s.description) for r in regexes)]
-        reason = "wrong_orientation" if tilted else "no_thigh_series"
-        result.problems.append({"reason": reason, "detail": selection.note, "file": None,
-                                "fatal": True})
+        result.problems.append({"reason": selection.reason, "detail": selection.note,
+                                "file": None, "fatal": True})
         return result
     series = selection.series
     result.key = series.patient_key or folder.name
@@ -132,13 +125,20 @@ def process_participant(folder: Path, patterns: list[str], recipe: Recipe) -> Pa
             if path.name in detail:
                 bad_file = index.get(path) if bad_file is None else bad_file
                 detail = detail.replace(path.name, f"file#{index.get(path)}")
-        result.problems.append({"reason": classify_series_error(str(exc)), "detail": detail,
-                                "file": bad_file, "fatal": True})
+        reason = getattr(exc, "reason", None) or classify_series_error(str(exc))
+        result.problems.append({"reason": reason, "detail": detail, "file": bad_file,
+                                "fatal": True})
     return result
 
 
-def _process(args: tuple[Path, list[str], Recipe]) -> ParticipantResult:
-    return process_participant(*args)
+def _process(args: tuple[Path, list[str], Recipe, bool]) -> ParticipantResult:
+    """One job, run in a worker: with `encode`, the slices come back compressed (the
+    writer's chunk format), so the main process only writes files."""
+    folder, patterns, recipe, encode = args
+    result = process_participant(folder, patterns, recipe)
+    if encode and result.images is not None:
+        result.encoded, result.images = encode_slices(result.images), None
+    return result
 
 
 def _ordered_results(jobs: list[tuple], workers: int) -> Iterator[ParticipantResult]:
@@ -182,13 +182,14 @@ def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Rec
     """Ingest one cohort into the store at `out`; returns the build summary.
 
     Participants are processed in sorted folder order (in parallel with `workers`
-    processes) and written in that order by this process alone, so the store is identical
-    for any worker count. A rerun after an interruption resumes from the store's journal.
+    processes, which also compress the slices) and written in that order by this process
+    alone, so the store is identical for any worker count. A rerun after an interruption
+    resumes from the store's journal.
     """
     t0 = time.perf_counter()
     table, table_report = load_cohort_table(spec, tables)
     root = dicom / spec.visit_folder if spec.visit_folder else dicom
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = participant_folders(dicom, spec)
     folder_ids = [pseudonym(salt, spec.name, f.name) for f in folders]
     stray = sorted(p for p in root.iterdir() if p.is_file())
     problems: list[dict[str, Any]] = [
@@ -204,14 +205,17 @@ def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Rec
         raise StoreError(f"{out}: the build journal does not match the participant folders; "
                          "pass --overwrite (or --no-resume) to start again")
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    jobs = [(f, spec.description_patterns, recipe) for f in folders[len(done):]]
+    jobs = [(f, spec.description_patterns, recipe, writer.takes_encoded)
+            for f in folders[len(done):]]
     results = _ordered_results(jobs, workers)
     bar = tqdm(total=len(folders), initial=len(done), desc=f"ingest {spec.name}",
                unit="participant", file=sys.stderr, disable=not progress)
     try:
         for res in results:
             entry = _entry(res, salt, spec, table, writer)
-            writer.add(entry, res.images if entry.get("row") else None, res.stats, res.digests)
+            ingest = bool(entry.get("row"))
+            writer.add(entry, res.images if ingest else None, res.stats, res.digests,
+                       encoded=res.encoded if ingest else None)
             bar.update(1)
             if delay:
                 time.sleep(delay)
@@ -230,7 +234,7 @@ def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Rec
     ingested = [e["row"] for e in writer.entries if e.get("row")]
     fields = ("sex", "age", "bmi", *MEASURES, "exercise")
     summary = {
-        "spec": spec.source, "visit_folder": spec.visit_folder,
+        "spec": spec.source, "visit": spec.visit, "visit_folder": spec.visit_folder,
         "series_description": spec.description_patterns,
         "n_table_rows": int(len(table)), "n_participant_folders": len(folders),
         "n_ingested": len(ingested), "n_slices": len(ingested) * recipe.n_slices,
@@ -324,6 +328,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true",
                    help="do not resume an interrupted build of the same inputs (needs "
                         "--overwrite for a new store); by default a rerun resumes")
+    p.add_argument("--visit", help="visit to ingest, one of the spec's `visits` (e.g. 24m); it "
+                   "picks the DICOM folder and the table columns together (default: the "
+                   "spec's own visit)")
     p.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
                    help="override the spec's column for a canonical field (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -342,17 +349,6 @@ def _resumable(out: Path) -> bool:
     except StoreError:
         return True
     return False
-
-
-def _apply_columns(spec: CohortSpec, overrides: list[str]) -> CohortSpec:
-    """--column FIELD=COLUMN via data_prep.cohorts.apply_column_overrides."""
-    from data_prep import cohorts
-
-    apply = getattr(cohorts, "apply_column_overrides", None)
-    if apply is None:
-        raise ValueError("--column needs data_prep.cohorts.apply_column_overrides, which this "
-                         "version lacks; edit a copy of the cohort spec YAML instead")
-    return apply(spec, overrides)
 
 
 def _print_summary(s: dict[str, Any], out: Path) -> None:
@@ -395,18 +391,15 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(f"--{name} {path} is not a directory")
     if args.cohort is not None:
         try:
-            spec = load_spec(args.cohort)
-        except CohortSpecError as exc:
-            errors.append(str(exc))
-    if spec is not None and args.column:
-        try:
-            spec = _apply_columns(spec, args.column)
+            spec = apply_column_overrides(select_visit(load_spec(args.cohort), args.visit),
+                                          args.column or [])
         except (CohortSpecError, ValueError) as exc:
             errors.append(str(exc))
-    if spec is not None and spec.visit_folder and args.dicom is not None and args.dicom.is_dir():
-        if not (args.dicom / spec.visit_folder).is_dir():
-            errors.append(f"visit folder {spec.visit_folder!r} (from the {spec.name} spec) not "
-                          f"found under --dicom {args.dicom}")
+    if spec is not None and args.dicom is not None and args.dicom.is_dir():
+        try:
+            participant_folders(args.dicom, spec)  # the visit folder (and batches) exist
+        except (CohortSpecError, OSError) as exc:
+            errors.append(f"{exc} (under --dicom {args.dicom})")
     try:
         size = parse_size(args.size)
     except ValueError as exc:

@@ -37,6 +37,10 @@ AXIAL_MIN_COS = 0.9
 # Relative tolerance for "consistent" slice spacing, pixel spacing and orientation.
 SPACING_RTOL = 0.05
 ORIENTATION_ATOL = 1e-3
+# scan_tree(keep_patterns=...) parses files up to this size whole (pixel bytes included, not
+# decoded) and keeps those of matching series, so load_volume need not parse them again.
+# Larger files (multi-frame, not a thigh slice) get a header-only read.
+MAX_KEPT_FILE_BYTES = 32 * 1024 * 1024
 
 
 # Problem categories (the same words as data_prep/store.py REASONS, so ingest reports count
@@ -88,6 +92,10 @@ class SeriesInfo:
     files: list[Path] = field(default_factory=list)
     # SeriesDate + SeriesTime (or AcquisitionDate/Time) as "YYYYMMDDHHMMSS.ffffff"; "" unknown
     series_time: str = ""
+    # whole datasets parsed by scan_tree(keep_patterns=...), by path; load_volume uses (and
+    # releases) them instead of parsing the files again
+    datasets: dict[Path, pydicom.Dataset] = field(default_factory=dict, repr=False,
+                                                  compare=False)
 
     @property
     def n_files(self) -> int:
@@ -165,27 +173,39 @@ def _quiet_pydicom() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def scan_tree(root: str | os.PathLike) -> ScanResult:
+def scan_tree(root: str | os.PathLike,
+              keep_patterns: Sequence[str] | None = None) -> ScanResult:
     """Read every file's header under `root` (recursively, any or no extension).
 
     Files that are not DICOM, or are DICOM without image geometry (e.g. DICOMDIR,
     structured reports), are returned in `skipped` with the reason; scanning goes on.
+
+    With `keep_patterns` (the description patterns of select_thigh_series), each file is
+    parsed whole once and the datasets of non-localizer series whose description matches
+    are kept in `SeriesInfo.datasets`, so load_volume reads every file only once.
     """
     root = Path(root)
     by_uid: dict[str, SeriesInfo] = {}
     skipped: list[SkippedFile] = []
     paths = sorted(p for p in root.rglob("*") if p.is_file())
+    regexes = [re.compile(p, re.IGNORECASE) for p in keep_patterns or ()]
     with _quiet_pydicom():
-        _scan_files(paths, by_uid, skipped)
+        _scan_files(paths, by_uid, skipped, regexes)
     series = sorted(by_uid.values(), key=lambda s: (s.patient_key, s.series_number or 0, s.uid))
     return ScanResult(series=series, skipped=skipped)
 
 
 def _scan_files(paths: list[Path], by_uid: dict[str, SeriesInfo],
-                skipped: list[SkippedFile]) -> None:
+                skipped: list[SkippedFile], keep: list[re.Pattern]) -> None:
     for path in paths:
+        whole = None
+        if keep and path.stat().st_size <= MAX_KEPT_FILE_BYTES:
+            try:
+                whole = pydicom.dcmread(path)
+            except Exception:  # noqa: BLE001 - the header-only read below classifies it
+                whole = None
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = whole if whole is not None else pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
             if isinstance(exc, InvalidDicomError):
                 skipped.append(SkippedFile(path, "not a DICOM file", "not_dicom"))
@@ -213,6 +233,9 @@ def _scan_files(paths: list[Path], by_uid: dict[str, SeriesInfo],
             )
             by_uid[uid] = info
         info.files.append(path)
+        if whole is not None and not info.is_localizer and any(
+                r.search(info.description) for r in keep):
+            info.datasets[path] = whole
 
 
 def _series_time(ds: pydicom.Dataset) -> str:
@@ -296,7 +319,8 @@ def load_volume(series: SeriesInfo) -> tuple[np.ndarray, Geometry]:
     if not series.files:
         raise DicomSeriesError("series has no files", "no_pixel_data")
     with _quiet_pydicom():
-        slices = [_read_slice(path) for path in series.files]
+        # pop: each kept dataset (pixel bytes) is released once its slice is decoded
+        slices = [_read_slice(path, series.datasets.pop(path, None)) for path in series.files]
     return _assemble(slices)
 
 
@@ -304,17 +328,20 @@ def load_volume(series: SeriesInfo) -> tuple[np.ndarray, Geometry]:
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 
 
-def _read_dataset(path: Path) -> pydicom.Dataset:
+def _read_dataset(path: Path, ds: pydicom.Dataset | None = None) -> pydicom.Dataset:
+    """Parse `path` (unless `ds`, its whole dataset, was parsed already) and check that it
+    has pixel data."""
     name = path.name
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise DicomSeriesError(f"file {name}: not a DICOM file", "not_dicom") from exc
-    except EOFError as exc:
-        raise DicomSeriesError(f"file {name}: ends inside the header", "truncated") from exc
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a file problem
-        raise DicomSeriesError(f"file {name}: cannot be read ({type(exc).__name__})",
-                               "truncated") from exc
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path)
+        except InvalidDicomError as exc:
+            raise DicomSeriesError(f"file {name}: not a DICOM file", "not_dicom") from exc
+        except EOFError as exc:
+            raise DicomSeriesError(f"file {name}: ends inside the header", "truncated") from exc
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a file problem
+            raise DicomSeriesError(f"file {name}: cannot be read ({type(exc).__name__})",
+                                   "truncated") from exc
     if "PixelData" not in ds:
         # pydicom drops an element whose value runs past the end of the file with only a
         # warning: a Pixel Data tag in the bytes but not in the dataset means truncation.
@@ -354,10 +381,10 @@ def decode_file(path: str | os.PathLike) -> np.ndarray:
         return _decode(_read_dataset(path), path.name)
 
 
-def _read_slice(path: Path) -> dict:
+def _read_slice(path: Path, ds: pydicom.Dataset | None = None) -> dict:
     """One file -> pixels (rescaled float32) and geometry; DicomSeriesError if unusable."""
     name = path.name
-    ds = _read_dataset(path)
+    ds = _read_dataset(path, ds)
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         raise DicomSeriesError(f"file {name}: {ds.SamplesPerPixel} samples per pixel "
                                f"({ds.get('PhotometricInterpretation')})", "undecodable")
@@ -378,11 +405,18 @@ def _read_slice(path: Path) -> dict:
                                "inconsistent_geometry")
     return {
         "name": name,
-        "pixels": pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept),
+        "pixels": _rescale(pixels, slope, intercept),
         "orientation": np.array([float(v) for v in orientation]),
         "position": np.array([float(v) for v in position]),
         "spacing": tuple(float(v) for v in spacing) if spacing else (1.0, 1.0),
     }
+
+
+def _rescale(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    values = pixels.astype(np.float32)
+    if slope != 1.0 or intercept != 0.0:  # x * 1 + 0 == x: skip two passes in the usual case
+        values = values * np.float32(slope) + np.float32(intercept)
+    return values
 
 
 def _assemble(slices: list[dict]) -> tuple[np.ndarray, Geometry]:
@@ -420,7 +454,7 @@ def _assemble(slices: list[dict]) -> tuple[np.ndarray, Geometry]:
         slice_spacing = median
     else:
         slice_spacing = 0.0
-    volume = np.stack([slices[i]["pixels"] for i in order]).astype(np.float32)
+    volume = np.stack([slices[i]["pixels"] for i in order]).astype(np.float32, copy=False)
     geometry = Geometry(
         pixel_spacing=ref["spacing"],
         slice_spacing=slice_spacing,
@@ -440,7 +474,7 @@ def read_thigh_volume(
     For prediction on new subjects; pass the cohort spec's description patterns.
     Raises DicomSeriesError when no axial thigh series is found or it cannot be loaded.
     """
-    scan = scan_tree(folder)
+    scan = scan_tree(folder, keep_patterns=description_patterns)
     selection = select_thigh_series(scan.series, description_patterns)
     if selection.series is None:
         raise DicomSeriesError(f"{Path(folder).name}: {selection.note}", selection.reason)

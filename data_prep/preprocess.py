@@ -6,18 +6,28 @@ store records the recipe (`Recipe.to_dict()`) and prediction rebuilds it (`Recip
 
     from data_prep.preprocess import Recipe, apply_recipe
     images, stats = apply_recipe(volume, Recipe(size=(128, 256)))
+
+Recipe versions (`Recipe.version`, stored with the recipe; a stored recipe without one is
+version 1): 1 resizes with a Gaussian prefilter + bilinear zoom; 2 (the default) resizes by
+an exact block mean when both axes shrink by whole factors (256x512 -> 128x256) and as
+version 1 otherwise. Everything else is the same, bit for bit, in both versions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 UINT16_MAX = 65535
+RECIPE_VERSIONS = (1, 2)  # see the module docstring
+# Integer-valued stacks (stored DICOM values, slope 1) with at most this many distinct levels
+# between min and max take the histogram path in apply_recipe (a 4 MiB count array at most).
+MAX_HISTOGRAM_LEVELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,8 @@ class Recipe:
         p_low: lower intensity percentile of the series mapped to 0 (robust to dark noise).
         p_high: upper percentile mapped to 65535 (robust to bright fat / flow artefacts).
         dtype: stored integer type; uint16 keeps 16 bits of contrast at half float32's size.
+        version: 2 resizes by block mean for whole downsampling factors, 1 always by
+            Gaussian prefilter + bilinear zoom (stores and models made before version 2).
     """
 
     n_slices: int = 15
@@ -37,6 +49,7 @@ class Recipe:
     p_low: float = 0.5
     p_high: float = 99.5
     dtype: str = "uint16"
+    version: int = 2
 
     def __post_init__(self) -> None:
         # YAML / JSON give lists; keep the frozen value hashable and comparable.
@@ -50,6 +63,9 @@ class Recipe:
             problems.append(f"need 0 <= p_low < p_high <= 100, got {self.p_low}, {self.p_high}")
         if self.dtype != "uint16":
             problems.append(f"dtype {self.dtype!r} is not supported; only 'uint16' is")
+        if self.version not in RECIPE_VERSIONS:
+            problems.append(f"version {self.version!r} is not supported; "
+                            f"supported: {list(RECIPE_VERSIONS)}")
         if problems:
             raise ValueError("Invalid Recipe: " + "; ".join(problems))
 
@@ -60,6 +76,7 @@ class Recipe:
             "p_low": float(self.p_low),
             "p_high": float(self.p_high),
             "dtype": self.dtype,
+            "version": int(self.version),
         }
 
     @classmethod
@@ -68,7 +85,8 @@ class Recipe:
         unknown = sorted(set(d) - set(allowed))
         if unknown:
             raise ValueError(f"Unknown recipe key(s) {unknown}; allowed keys: {allowed}")
-        return cls(**d)
+        # recipes stored before versions existed were made by version 1
+        return cls(**{"version": 1, **d})
 
 
 class TooFewSlicesError(ValueError):
@@ -97,17 +115,22 @@ def select_stack(n_available: int, n_slices: int) -> slice:
     return slice(start, start + n_slices)
 
 
-def resize_slice(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Anti-aliased bilinear resize of one 2-D float image to `size` (rows, cols).
+def resize_slice(image: np.ndarray, size: tuple[int, int], version: int = 2) -> np.ndarray:
+    """Anti-aliased resize of one 2-D float image to `size` (rows, cols), float64.
 
-    When downsampling, a Gaussian with sigma = (factor - 1) / 2 per axis (scikit-image's
-    convention) removes frequencies the coarser grid cannot hold; then linear interpolation
-    with pixel-edge alignment (grid_mode) so the field of view is preserved exactly.
-    Pure function of its input: deterministic.
+    Whole downsampling factors on both axes (version 2): the mean of each factor x factor
+    block, which is exactly the area average of the input over each output pixel (a box
+    anti-aliasing filter). Otherwise (and always in version 1): a Gaussian with
+    sigma = (factor - 1) / 2 per axis (scikit-image's convention) removes frequencies the
+    coarser grid cannot hold, then linear interpolation with pixel-edge alignment
+    (grid_mode) so the field of view is preserved exactly. Pure function: deterministic.
     """
     image = np.asarray(image, dtype=np.float64)
     if image.shape == tuple(size):
         return image.copy()
+    if version >= 2 and all(image.shape[i] % size[i] == 0 for i in range(2)):
+        fr, fc = image.shape[0] // size[0], image.shape[1] // size[1]
+        return image.reshape(size[0], fr, size[1], fc).mean(axis=(1, 3))
     factors = [image.shape[i] / size[i] for i in range(2)]
     sigma = [max(0.0, (f - 1.0) / 2.0) for f in factors]
     if any(s > 0 for s in sigma):
@@ -119,8 +142,90 @@ def resize_slice(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def percentiles(values: np.ndarray, percents: Sequence[float]) -> tuple[float, ...]:
+    """`np.percentile(values.astype(np.float64), percents)` (method "linear"), bit for bit.
+
+    Only the two order statistics around each rank are needed: they come from a histogram
+    when the values are integers in a narrow range (stored DICOM values; exact), else from
+    `np.partition` of the values in their own dtype (exact too: float32 -> float64 is exact).
+    The interpolation repeats numpy's own arithmetic (`_lerp`), so results are identical.
+    """
+    values = np.asarray(values)
+    if values.size == 0:
+        raise ValueError("percentiles of an empty array")
+    offsets, vmin = _integer_offsets(values)
+    if offsets is not None:
+        return _percentiles_from_counts(np.bincount(offsets.ravel()), vmin, values.size,
+                                        percents)
+
+    def order_statistics(ranks: np.ndarray) -> np.ndarray:
+        return np.partition(values.ravel(), np.unique(ranks))[ranks].astype(np.float64)
+
+    return _interpolate(values.size, percents, order_statistics)
+
+
+def _percentiles_from_counts(counts: np.ndarray, vmin: float, n: int,
+                             percents: Sequence[float]) -> tuple[float, ...]:
+    """Percentiles of n integer values given `counts[v - vmin]` (see `percentiles`)."""
+    cum = np.cumsum(counts)
+
+    def order_statistics(ranks: np.ndarray) -> np.ndarray:
+        # the k-th smallest (0-based) is the first level whose cumulative count exceeds k
+        return vmin + np.searchsorted(cum, ranks, side="right").astype(np.float64)
+
+    return _interpolate(n, percents, order_statistics)
+
+
+def _interpolate(n: int, percents: Sequence[float], order_statistics) -> tuple[float, ...]:
+    """numpy's linear percentile: virtual index (n - 1) q, then numpy's `_lerp` formula."""
+    q = np.true_divide(np.asarray(percents, dtype=np.float64), 100)
+    virtual = (n - 1) * q
+    prev = np.clip(np.floor(virtual), 0, n - 1).astype(np.intp)
+    nxt = np.minimum(prev + 1, n - 1)
+    gamma = virtual - np.floor(virtual)
+    stats = order_statistics(np.concatenate([prev, nxt]))
+    a, b = stats[:len(prev)], stats[len(prev):]
+    diff = b - a
+    result = a + diff * gamma
+    result = np.where(gamma >= 0.5, b - diff * (1 - gamma), result)
+    return tuple(float(v) for v in result)
+
+
+def _integer_offsets(values: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """(values - min as int32, min) for integer-valued data of narrow range, else (None, 0)."""
+    if values.size == 0 or values.dtype.kind not in "iuf":
+        return None, 0.0
+    vmin, vmax = values.min().item(), values.max().item()  # Python numbers: no overflow
+    if not (np.isfinite(vmin) and np.isfinite(vmax)):
+        return None, 0.0
+    # float32 holds integers exactly up to 2**24: beyond that "integer-valued" is unreliable
+    if vmax - vmin > MAX_HISTOGRAM_LEVELS or max(abs(vmin), abs(vmax)) >= 2 ** 24:
+        return None, 0.0
+    if values.dtype.kind in "iu":
+        return values.astype(np.int32) - np.int32(vmin), float(vmin)
+    shifted = values - values.dtype.type(vmin)  # exact: integers below 2**24, any float type
+    if not np.array_equal(np.rint(shifted), shifted):
+        return None, 0.0
+    return shifted.astype(np.int32), float(vmin)
+
+
+def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip float64 values to [lo, hi] and map them to 0..1 (a constant series maps to 0)."""
+    if hi > lo:
+        return (np.clip(values, lo, hi) - lo) / (hi - lo)
+    return np.zeros_like(values)  # a constant series carries no contrast
+
+
+def _to_uint16(scaled: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(scaled, 0.0, 1.0) * UINT16_MAX).astype(np.uint16)
+
+
 def apply_recipe(volume: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, dict[str, Any]]:
     """Central slices, percentile clip, scale to 0..65535, resize.
+
+    Integer-valued stacks (the usual case: stored values, rescale slope 1) are scaled
+    through a lookup table over their distinct levels instead of element by element; every
+    level goes through the same float64 arithmetic, so the output is identical.
 
     Args:
         volume: float (n, H, W), ordered along the slice normal, rescale slope/intercept applied.
@@ -136,16 +241,27 @@ def apply_recipe(volume: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, dict[s
     if not np.all(np.isfinite(volume)):
         raise ValueError("volume contains NaN or infinite values")
     window = select_stack(volume.shape[0], recipe.n_slices)
-    stack = volume[window].astype(np.float64)
-    lo, hi = np.percentile(stack, [recipe.p_low, recipe.p_high])
-    if hi > lo:
-        scaled = (np.clip(stack, lo, hi) - lo) / (hi - lo)
-    else:  # a constant series carries no contrast; map it to 0 rather than divide by zero
-        scaled = np.zeros_like(stack)
-    out = np.empty((recipe.n_slices, *recipe.size), dtype=np.uint16)
-    for i, image in enumerate(scaled):
-        resized = resize_slice(image, recipe.size)
-        out[i] = np.rint(np.clip(resized, 0.0, 1.0) * UINT16_MAX).astype(np.uint16)
+    stack = volume[window]
+    offsets, vmin = _integer_offsets(stack)
+    if offsets is not None:
+        counts = np.bincount(offsets.ravel())
+        n = stack.size
+        lo, hi = _percentiles_from_counts(counts, vmin, n, (recipe.p_low, recipe.p_high))
+        # the value of each level, as float64 (exact), through the per-element arithmetic
+        levels = _scale(vmin + np.arange(counts.size, dtype=np.float64), lo, hi)
+        if stack.shape[1:] == tuple(recipe.size):
+            out = np.take(_to_uint16(levels), offsets)  # same-size resize is a copy
+        else:
+            out = np.empty((recipe.n_slices, *recipe.size), dtype=np.uint16)
+            for i in range(recipe.n_slices):
+                out[i] = _to_uint16(resize_slice(levels[offsets[i]], recipe.size,
+                                                 recipe.version))
+    else:
+        lo, hi = percentiles(stack, (recipe.p_low, recipe.p_high))
+        scaled = _scale(stack.astype(np.float64), lo, hi)
+        out = np.empty((recipe.n_slices, *recipe.size), dtype=np.uint16)
+        for i, image in enumerate(scaled):
+            out[i] = _to_uint16(resize_slice(image, recipe.size, recipe.version))
     stats = {
         "intensity_low": float(lo),
         "intensity_high": float(hi),

@@ -248,7 +248,7 @@ def test_killed_build_resumes_to_the_same_hash(built, cohort, tmp_path, monkeypa
     with pytest.raises(StoreError, match="Rerun the same"):
         open_store(out)  # a half-written store is never read as complete
     assert any("incomplete" in p for p in verify_store(out))
-    first_chunk = out / "images" / "c" / "0" / "0" / "0"
+    first_chunk = out / "images" / "c.0.0.0"
     stamp = first_chunk.stat().st_mtime_ns
     monkeypatch.setenv("THIGHMRI_SALT", SALT)
     capsys.readouterr()

@@ -109,7 +109,8 @@ def _reference_recipe(volume: np.ndarray, recipe: Recipe) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.mark.parametrize("kind", ["integer", "integer_offset", "float", "few_levels"])
+@pytest.mark.parametrize("kind", ["integer", "integer_offset", "float", "few_levels",
+                                  "int16_wide", "float64_integers"])
 def test_fast_paths_are_identical_to_the_reference(kind):
     # integer-valued stacks take the histogram + lookup-table path, others the partition
     # path; both must give exactly what np.percentile + element-wise float64 arithmetic give
@@ -119,6 +120,9 @@ def test_fast_paths_are_identical_to_the_reference(kind):
         "integer_offset": rng.integers(-1024, 3000, (17, 32, 64)).astype(np.float32),
         "float": rng.normal(300, 80, (17, 32, 64)).astype(np.float32),
         "few_levels": rng.integers(0, 3, (17, 32, 64)).astype(np.float32),
+        # an integer volume whose range overflows its own dtype (32000 - -30000)
+        "int16_wide": rng.integers(-30000, 32000, (17, 32, 64)).astype(np.int16),
+        "float64_integers": rng.integers(0, 4000, (17, 32, 64)).astype(np.float64),
     }[kind]
     for size in [(32, 64), (16, 32), (12, 24)]:
         recipe = Recipe(n_slices=15, size=size, p_low=0.5, p_high=99.5, version=1)
@@ -151,3 +155,17 @@ def test_version_2_resizes_whole_factors_by_block_mean():
     assert np.array_equal(resize_slice(image, (48, 96)), resize_slice(image, (48, 96), 1))
     checker = (np.indices((64, 128)).sum(axis=0) % 2).astype(float)
     assert np.abs(resize_slice(checker, (32, 64)) - 0.5).max() < 1e-12  # anti-aliased
+
+
+def test_percentiles_follow_numpys_rounding_at_half_way():
+    # at gamma == 0.5 numpy takes b - (b - a) * 0.5, which can differ from a + (b - a) * 0.5
+    # in the last bit: find such a pair and check that the same formula is used
+    rng = np.random.default_rng(5)
+    for _ in range(10000):
+        a, b = np.sort(rng.normal(0, 1000, 2))  # float64: b - a may round
+        if a + (b - a) * 0.5 != b - (b - a) * 0.5:
+            break
+    else:
+        pytest.fail("no pair found where the two lerp formulas differ")
+    values = np.array([a, b, b + 1])  # n = 3: the 25th percentile is half-way from a to b
+    assert percentiles(values, [25.0]) == tuple(np.percentile(values, [25.0]))

@@ -85,7 +85,7 @@ def test_verify_lists_every_problem(tmp_path, capsys):
     path = tmp_path / "s.zarr"
     _store(path)
     # damage: a lost image chunk, an edited slice count, a wrong counts attribute
-    (path / "images" / "c" / "4" / "0" / "0").unlink()
+    (path / "images" / "c.4.0.0").unlink()
     counts = zarr.open_array(str(path / "subjects" / "slice_count"), mode="r+")
     counts[1] = 2
     root = zarr.open_group(str(path), mode="r+")
@@ -146,7 +146,7 @@ def test_worker_encoded_chunks_are_zarrs_own_bytes(tmp_path):
     assert fast.takes_encoded
     fast.add(entry, None, stats, slice_digests(images), encoded=encode_slices(images))
     for i in range(RECIPE.n_slices):
-        key = Path("images", "c", str(i), "0", "0")
+        key = Path("images", f"c.{i}.0.0")
         assert (tmp_path / "fast.zarr" / key).read_bytes() == \
             (tmp_path / "plain.zarr" / key).read_bytes()
     assert _finish(plain) == _finish(fast)
@@ -176,3 +176,4 @@ def test_store_with_another_codec_is_written_through_zarr(tmp_path):
     writer.add(entry, images, stats)
     _finish(writer)
     assert np.array_equal(open_store(path).images[6:], images)
+    assert verify_store(path) == []  # zarr's default "c/<slice>/0/0" chunk keys are found too
