@@ -20,7 +20,7 @@ N_SUBJECTS = 260
 GRID = {
     "question": "calibration", "store": "unused",
     "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
-    "search": {"lr": {"loguniform": [1e-3, 1e-3]}},
+    "search": {"lr": {"choice": [1e-3]}},
     "train": {"epochs": 10, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
               "freeze": "none", "weights": "none", "input_size": [32, 64], "seed": 0},
     "split": {"val": 0.2, "test": 0.3, "seed": 0},

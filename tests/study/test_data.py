@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fakes import FakeStore
 
 from study import data
 from study.data import LeakageError
-
-
-@dataclass
-class FakeStore:
-    """Stand-in for data_prep.store's reader: only the attributes the study code may use."""
-
-    images: np.ndarray
-    subjects: pd.DataFrame
-    recipe: dict = field(default_factory=dict)
-    measures: dict = field(default_factory=dict)
-    content_hash: str = "fake"
-
-    def subject_images(self, i: int) -> np.ndarray:
-        row = self.subjects.iloc[i]
-        return self.images[row.slice_start : row.slice_start + row.slice_count]
 
 
 def make_subjects() -> pd.DataFrame:

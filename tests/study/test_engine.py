@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fakes import FakeStore
 from torch.utils.data import DataLoader
 
 from study import engine
 from study.data import SliceDataset
 from study.model import build_model, seed_everything
-
-
-@dataclass
-class FakeStore:
-    """Stand-in for data_prep.store's reader: only the attributes the study code may use."""
-
-    images: np.ndarray
-    subjects: pd.DataFrame
-    recipe: dict = field(default_factory=dict)
-    measures: dict = field(default_factory=dict)
-    content_hash: str = "fake"
 
 
 def bright_dark_store(n_subjects: int, slices: int = 3, shape=(32, 64), seed: int = 0):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 import types
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import zarr
+from fakes import FakeStore
 
 from study import features
 from study.config import Cell, TrainConfig
@@ -24,15 +24,6 @@ SLICES = 3
 SHAPE = (32, 32)
 
 
-@dataclass
-class FakeStore:
-    """Stand-in for data_prep.store's reader: only the attributes the study code may use."""
-
-    images: np.ndarray
-    subjects: pd.DataFrame
-    recipe: dict = field(default_factory=dict)
-    measures: dict = field(default_factory=dict)
-    content_hash: str = "sha256:fake"
 
 
 def make_store(n_subjects: int = 10, seed: int = 0, content_hash: str = "sha256:fake") -> FakeStore:
