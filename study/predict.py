@@ -22,6 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -90,13 +91,16 @@ def predict_folder(model_uri: str, dicom_dir: Path, labels_csv: Path | None = No
         for col in ("code", "exercise"):
             if col not in labels:
                 raise ValueError(f"--labels {labels_csv}: column {col!r} missing; columns: {', '.join(labels.columns)}")
-        truth = labels.set_index("code")["exercise"].str.strip().str.lower().map({"yes": "high", "no": "low"})
-        df["exercise"] = df["participant"].map(truth)
-        scored = df[df["predicted"].isin(["high", "low"]) & df["exercise"].notna()]
+        # self-reported exercise "yes" is taken as high function, "no" as low
+        exercise = labels.set_index("code")["exercise"].str.strip().str.lower()
+        df["exercise"] = df["participant"].map(exercise)
+        expected = df["exercise"].map({"yes": "high", "no": "low"})
+        df["agrees"] = (df["predicted"] == expected).where(expected.notna() & df["predicted"].isin(["high", "low"]))
+        scored = df[df["agrees"].notna()]
         if len(scored):
             from scipy.stats import binomtest
 
-            correct = int((scored["predicted"] == scored["exercise"]).sum())
+            correct = int(scored["agrees"].astype(bool).sum())
             ci = binomtest(correct, len(scored)).proportion_ci(0.95)
             majority = scored["exercise"].value_counts().iloc[0] / len(scored)
             summary.update(n_scored=len(scored), correct=correct, accuracy=correct / len(scored),
@@ -116,6 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the table readable
     import mlflow
 
     from study.tracking import resolve_tracking_uri

@@ -67,6 +67,21 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int):
     return PrunedAwareOptunaSearch(space=space, metric="best_val_acc", mode="max", sampler=sampler)
 
 
+def cell_trainable(cell_name: str):
+    """`run_trial` under a name of its own for each cell.
+
+    tune.with_parameters files its parameters in the cluster-wide registry under the
+    function's str(); with one shared function, concurrent cells overwrite each other's
+    context and every trial trains the cell registered last.
+    """
+
+    def trainable(config, ctx):
+        return run_trial(config, ctx)
+
+    trainable.__name__ = trainable.__qualname__ = f"trial__{cell_name}"
+    return trainable
+
+
 def concurrency_per_cell(grid: GridConfig, n_cells: int, cluster_cpus: float, cluster_gpus: float) -> int:
     """Trials a cell may run at once: an even share of the cluster, at least 1."""
     if grid.max_concurrent_per_cell:
@@ -183,7 +198,7 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
     if grid.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=grid.train.epochs,
                                   grace_period=max(1, grid.train.epochs // 4))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+    trainable = tune.with_resources(tune.with_parameters(cell_trainable(ctx.cell.name), ctx=ctx),
                                     {"cpu": ctx.cpus_per_trial, "gpu": ctx.gpus_per_trial})
     tuner = tune.Tuner(
         trainable,

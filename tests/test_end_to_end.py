@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 GRID = {
     "question": "Does the tiny synthetic cohort run end to end?",
     "name": "e2e",
-    "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
+    # two cells run concurrently: each must train on its own labels and log under its own run
+    "grid": {"cohort": ["oai"], "measure": ["leg_strength", "gait_speed_short"]},
     "search": {"lr": {"loguniform": [1.0e-3, 1.0e-2]}, "freeze": {"choice": ["fc", "none"]}},
     "trials_per_cell": 2,
     "optuna_startup_trials": 1,
@@ -75,15 +76,19 @@ def test_runs_are_nested_launch_cell_trial(pipeline):
     exp = client.get_experiment_by_name("e2e")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     by_type = {t: [r for r in runs if r.data.tags.get("run_type") == t] for t in ("launch", "cell", "trial")}
-    assert len(by_type["launch"]) == 1 and len(by_type["cell"]) == 1 and len(by_type["trial"]) == 2
-    launch, cell = by_type["launch"][0], by_type["cell"][0]
-    assert cell.data.tags["mlflow.parentRunId"] == launch.info.run_id
-    assert all(t.data.tags["mlflow.parentRunId"] == cell.info.run_id for t in by_type["trial"])
+    assert len(by_type["launch"]) == 1 and len(by_type["cell"]) == 2 and len(by_type["trial"]) == 4
+    launch = by_type["launch"][0]
     assert {r.info.status for r in runs} == {"FINISHED"}
-    assert cell.data.params["measure"] == "leg_strength" and cell.data.params["cohort"] == "oai"
+    for cell in by_type["cell"]:
+        assert cell.data.tags["mlflow.parentRunId"] == launch.info.run_id
+        trials = [t for t in by_type["trial"] if t.data.tags["mlflow.parentRunId"] == cell.info.run_id]
+        assert len(trials) == 2, cell.info.run_name  # no cell's trials land under another cell
+        assert {t.data.params["axis.measure"] for t in trials} == {cell.data.params["measure"]}
+    cell = next(c for c in by_type["cell"] if c.data.params["measure"] == "leg_strength")
+    assert cell.data.params["cohort"] == "oai"
     m = cell.data.metrics
     for key in ("n_train", "n_val", "n_test", "best_val_acc", "test_acc", "test_baseline_acc",
-                "test_acc_ci_low", "test_acc_ci_high"):
+                "test_acc_ci_low", "test_acc_ci_high", "size_test_acc", "cnn_minus_size_acc"):
         assert key in m, key
     assert m["test_acc_ci_low"] <= m["test_acc"] <= m["test_acc_ci_high"]
     assert 0.0 <= m["test_baseline_acc"] <= 1.0  # train majority applied to test: may be < 0.5
@@ -93,8 +98,9 @@ def test_runs_are_nested_launch_cell_trial(pipeline):
         assert len(client.get_metric_history(t.info.run_id, "val_acc")) == GRID["train"]["epochs"]
     artifacts = {a.path for a in client.list_artifacts(launch.info.run_id)}
     assert {"cells.csv", "accuracy_vs_baseline.png", "resolved_grid.json"} <= artifacts
-    table = pd.read_csv(pipeline["results"])
-    assert table.loc[0, "status"] == "ok" and table.loc[0, "test_acc"] == pytest.approx(m["test_acc"])
+    table = pd.read_csv(pipeline["results"]).set_index("measure")
+    assert (table["status"] == "ok").all()
+    assert table.loc["leg_strength", "test_acc"] == pytest.approx(m["test_acc"])
 
 
 def test_promote_registers_champion_and_predict_reads_volunteers(pipeline, capsys):
@@ -137,6 +143,7 @@ def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tm
     from study.launch import main as launch_main
 
     grid = {**GRID, "name": "e2e_seed", "protocol": "seed_replication", "store": str(pipeline["store"]),
+            "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
             "threshold_fit": "all", "trials_per_cell": 1, "search": {"freeze": {"choice": ["fc"]}},
             "train": {**GRID["train"], "epochs": 1}, "split": {"val": 0.2, "test": 0, "seed": 0}}
     path = pipeline["root"] / "seed.yaml"
@@ -158,6 +165,7 @@ def test_nested_cv_selects_on_inner_folds_and_reports_outer_test(pipeline, short
     from study.launch import main as launch_main
 
     grid = {**GRID, "name": "e2e_cv", "protocol": "nested_cv", "store": str(pipeline["store"]),
+            "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
             "trials_per_cell": 1, "search": {"freeze": {"choice": ["fc"]}},
             "train": {**GRID["train"], "epochs": 2}, "split": {"test": 0.25, "folds": 3, "seed": 0}}
     path = pipeline["root"] / "cv.yaml"
