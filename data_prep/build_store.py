@@ -49,14 +49,15 @@ import pandas as pd
 from tqdm import tqdm
 
 from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, apply_column_overrides,
-                               builtin_specs, load_cohort_table, load_spec,
-                               participant_folders, select_visit)
+                               builtin_specs, load_spec, participant_folders, select_visit)
 from data_prep.dicom_series import (DicomSeriesError, load_volume, scan_tree,
                                     select_thigh_series)
+from data_prep.journal import read_journal
 from data_prep.preprocess import Recipe, apply_recipe
 from data_prep.store import (SaltError, StoreError, StoreWriter, ingest_report_path,
-                             encode_slices, load_salt, open_store, pseudonym, read_journal,
-                             slice_digests, verify_store)
+                             encode_slices, load_salt, open_store, pseudonym, slice_digests)
+from data_prep.tables import load_cohort_table
+from data_prep.verify import verify_store
 
 # Seconds to pause after each participant is journaled: lets tests interrupt a build midway.
 DELAY_ENV = "THIGHMRI_INGEST_DELAY_S"

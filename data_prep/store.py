@@ -1,9 +1,12 @@
-"""Zarr slice store: write, append, open, verify (schema in ARCHITECTURE.md "Zarr store").
+"""Zarr slice store: schema, write, append, open (schema in ARCHITECTURE.md "Zarr store").
 
-    from data_prep.store import open_store, verify_store
+    from data_prep.store import open_store
     store = open_store("data/demo.zarr")          # refuses an incomplete store
     store.subjects, store.subject_images(0), store.recipe, store.content_hash
-    problems = verify_store("data/demo.zarr")     # [] when all is well
+
+Writing is StoreWriter (used by data_prep/build_store.py). Its build journal lives in
+data_prep/journal.py and the integrity check `verify_store` in data_prep/verify.py; both
+names stay importable from here.
 
 Layout (ARCHITECTURE.md "Zarr store"): root attributes (schema_version, complete, recipe,
 measures, cohorts, counts, ingest_problems, content_hash, provenance); arrays `images` uint16
@@ -13,7 +16,7 @@ IMAGE_CHUNK_KEYS), `slice_subject` int32, `slice_position` int16, `slice_digest`
 column and the string columns (pseudonym, cohort, sex) in its attributes; group
 `normalisation` with the per-subject intensity window (`intensity_low`, `intensity_high`).
 While a build runs, `build_journal.jsonl` in the store records finished participants so that
-a rerun resumes (StoreWriter). The ingest report CSV lies beside the store
+a rerun resumes (StoreWriter; data_prep/journal.py). The ingest report CSV lies beside the store
 (`ingest_report_path`). No PHI: subjects are known only by a salted HMAC pseudonym; the salt
 never enters the store.
 """
@@ -36,6 +39,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from data_prep.cohorts import MEASURES
+from data_prep.journal import (JOURNAL, append_entry, jsonable_rows, read_journal,
+                               write_journal_header)
 from data_prep.preprocess import Recipe
 
 SCHEMA_VERSION = 2  # 2: pixel spacing columns in the subjects table
@@ -50,7 +55,6 @@ INT_COLUMNS = ("slice_start", "slice_count")
 SUBJECT_COLUMNS = (*STRING_COLUMNS, *FLOAT_COLUMNS, *SPACING_COLUMNS, *INT_COLUMNS)
 NORM_COLUMNS = ("intensity_low", "intensity_high")
 HASH_BLOCK = 256  # slices read at a time when hashing images
-JOURNAL = "build_journal.jsonl"  # inside the store while a build or append is unfinished
 # Blosc lz4 with bit shuffle: on 256x512 slices about 25x faster than zarr's default (zstd
 # level 0: 6 ms per slice, the builder's largest cost) for 7% more bytes on the synthetic
 # cohort (benchmarks/README.md "Ingest"). Stores made with another codec are still read and
@@ -199,14 +203,14 @@ class StoreWriter:
                     f"Cannot append: the store's recipe {store.recipe.to_dict()} differs from "
                     f"this build's {recipe.to_dict()}. One store holds one recipe; build a "
                     "new store.")
-            rows = _jsonable_rows(store.subjects)
-            norm = _jsonable_rows(store.normalisation)
+            rows = jsonable_rows(store.subjects)
+            norm = jsonable_rows(store.normalisation)
             base = {"n_slices": int(store.images.shape[0]), "rows": rows, "norm": norm,
                     "digests": [bytes(d).hex() for d in store.root["slice_digest"][:]],
                     "attrs": {k: store.attrs.get(k) for k in
                               ("cohorts", "ingest_problems", "provenance")}}
             root = zarr.open_group(str(path), mode="r+")
-            _write_journal_header(path, build_key, append, recipe, base)
+            write_journal_header(path, build_key, append, recipe, base)
             root.attrs["complete"] = False  # after the journal: a rerun can always resume
         else:
             if path.exists() and not overwrite:
@@ -223,7 +227,7 @@ class StoreWriter:
                               chunk_key_encoding=IMAGE_CHUNK_KEYS,
                               config={"write_empty_chunks": True})
             base = {"n_slices": 0, "rows": [], "norm": [], "digests": [], "attrs": {}}
-            _write_journal_header(path, build_key, append, recipe, base)
+            write_journal_header(path, build_key, append, recipe, base)
         header, entries = read_journal(path)
         return cls(path, root, recipe, header, entries)
 
@@ -272,9 +276,7 @@ class StoreWriter:
             self.norm.append(dict(entry["norm"]))
             self._ids.add(row["subject_id"])
             self.n_slices += n
-        self._journal.write(json.dumps(entry, sort_keys=True) + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())  # journaled = durable: a resume skips it
+        append_entry(self._journal, entry)  # durable before it counts: a resume skips it
         self.entries.append(entry)
 
     def _check_encoded(self, encoded: list[bytes], digests: list[str] | None) -> None:
@@ -382,62 +384,6 @@ def _root_attrs(path: Path) -> dict | None:
         return dict(zarr.open_group(str(path), mode="r").attrs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
-
-
-def _jsonable_rows(df: pd.DataFrame) -> list[dict]:
-    """DataFrame rows as JSON-able dicts (NaN -> None) for the journal."""
-    out = []
-    for rec in df.to_dict("records"):
-        clean = {}
-        for k, v in rec.items():
-            if isinstance(v, (np.integer,)):
-                v = int(v)
-            elif isinstance(v, (float, np.floating)):
-                v = None if np.isnan(v) else float(v)
-            clean[k] = v
-        out.append(clean)
-    return out
-
-
-def _write_journal_header(path: Path, build_key: str, append: bool, recipe: Recipe,
-                          base: dict) -> None:
-    header = {"type": "header", "build_key": build_key, "append": append,
-              "cohort": build_key.split(":", 1)[0], "recipe": recipe.to_dict(), "base": base}
-    tmp = path / (JOURNAL + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(header, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / JOURNAL)  # atomic: a journal always starts with a whole header
-
-
-def read_journal(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:
-    """(header, participant entries) of the store's build journal; (None, []) if none.
-
-    A torn last line (the writer was killed while appending it) is dropped and cut from
-    the file, so the next append starts on a clean line.
-    """
-    journal = Path(path) / JOURNAL
-    if not journal.is_file():
-        return None, []
-    data = journal.read_bytes()
-    header, entries, good = None, [], 0
-    for line in data.splitlines(keepends=True):
-        try:
-            if not line.endswith(b"\n"):
-                raise ValueError("torn line")
-            rec = json.loads(line)
-        except ValueError:
-            break
-        good += len(line)
-        if rec.get("type") == "header":
-            header = rec
-        else:
-            entries.append(rec)
-    if good != len(data):
-        with open(journal, "r+b") as f:
-            f.truncate(good)
-    return header, entries
 
 
 def ingest_report_path(store_path: str | os.PathLike) -> Path:
@@ -580,167 +526,10 @@ def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> Thi
     )
 
 
-def _written_chunk_rows(images: zarr.Array) -> set[int]:
-    """Slice indices whose image chunk exists in the store (one chunk per slice)."""
-    from zarr.core.sync import sync
-
-    store = images.store
-    prefix = images.path.rstrip("/") + "/"
-
-    async def keys() -> list[str]:
-        return [k async for k in store.list_prefix(prefix)]
-
-    separator = images.metadata.chunk_key_encoding.separator  # "." (IMAGE_CHUNK_KEYS) or "/"
-    rows = set()
-    for key in sync(keys()):
-        parts = key[len(prefix):].split(separator)
-        if len(parts) == 4 and parts[0] == "c" and parts[1].isdigit():
-            rows.add(int(parts[1]))
-    return rows
-
-
-def _ranges(indices: list[int], limit: int = 8) -> str:
-    """[3, 4, 5, 9] -> '3-5, 9' (at most `limit` ranges, then '...')."""
-    out: list[str] = []
-    for i in indices:
-        if out and out[-1][1] == i - 1:
-            out[-1][1] = i
-        else:
-            out.append([i, i])
-    text = [f"{a}" if a == b else f"{a}-{b}" for a, b in out[:limit]]
-    return ", ".join(text) + (", ..." if len(out) > limit else "")
-
-
-def verify_store(path: str | os.PathLike) -> list[str]:
-    """Every problem found in the store at `path` ([] when it is sound).
-
-    Checks schema version, required attributes and arrays, image dtype/shape/chunking, that
-    every image chunk was written (an unwritten chunk would read back as zeros), the subjects
-    table (columns, pseudonyms, sex codes, pixel spacing), slice_subject / slice_position
-    against slice_start / slice_count, the `counts` attribute, the ingest problems, and that
-    the recomputed content hash equals the recorded one. All problems are listed at once.
-    """
-    try:
-        store = open_store(path, require_complete=False)
-    except (StoreError, KeyError, ValueError) as exc:
-        return [f"cannot open: {exc}"]
-    problems: list[str] = []
-    a = store.attrs
-    if a.get("complete") is not True:
-        problems.append("store is incomplete ('complete' attribute not set): rerun its build "
-                        "command to resume it")
-    if (Path(path) / JOURNAL).exists():
-        problems.append(f"a build journal ({JOURNAL}) is present: a build or append is "
-                        "unfinished or was interrupted")
-    for key in ("recipe", "measures", "cohorts", "counts", "ingest_problems", "content_hash",
-                "provenance"):
-        if key not in a:
-            problems.append(f"root attribute {key!r} is missing")
-    for name in ("images", "slice_subject", "slice_position", "slice_digest", "subjects",
-                 "normalisation"):
-        if name not in store.root:
-            problems.append(f"{name!r} is missing")
-    subjects = store.subjects
-    images = store.images
-    n = int(images.shape[0])
-    rows, cols = store.recipe.size
-    if images.dtype != np.uint16 or tuple(images.shape[1:]) != (rows, cols):
-        problems.append(f"images are {images.dtype} {images.shape[1:]}, recipe says uint16 "
-                        f"{(rows, cols)}")
-    if tuple(images.chunks) != (1, rows, cols):
-        problems.append(f"images chunks {images.chunks}, expected one chunk per slice")
-    else:
-        missing = sorted(set(range(n)) - _written_chunk_rows(images))
-        if missing:
-            problems.append(f"{len(missing)} of {n} image chunks were never written (they "
-                            f"would read as zeros): slices {_ranges(missing)}")
-    if len(store.slice_subject) != n or len(store.slice_position) != n:
-        problems.append(f"slice_subject / slice_position length ({len(store.slice_subject)} / "
-                        f"{len(store.slice_position)}) differs from images ({n})")
-    missing_cols = [c for c in SUBJECT_COLUMNS if c not in subjects.columns]
-    if missing_cols:
-        problems.append(f"subjects table lacks columns {missing_cols}")
-    else:
-        problems += _check_subjects(store, subjects, n)
-    counts = a.get("counts") or {}
-    per_cohort = {str(k): int(v) for k, v in subjects["cohort"].value_counts().sort_index()
-                  .items()} if "cohort" in subjects else {}
-    if counts and (counts.get("subjects") != len(subjects) or counts.get("slices") != n
-                   or counts.get("per_cohort") != per_cohort):
-        problems.append(f"counts attribute {counts} disagrees with the data: {len(subjects)} "
-                        f"subjects, {n} slices, per cohort {per_cohort}")
-    ingest = a.get("ingest_problems")
-    if isinstance(ingest, list):
-        if counts and counts.get("ingest_problems") != len(ingest):
-            problems.append(f"counts.ingest_problems {counts.get('ingest_problems')} but "
-                            f"{len(ingest)} ingest problems are listed")
-        bad = [i for i, p in enumerate(ingest) if not isinstance(p, dict)
-               or set(REPORT_COLUMNS) - set(p) or p.get("reason") not in REASONS]
-        if bad:
-            problems.append(f"ingest_problems entries {bad[:10]} lack {list(REPORT_COLUMNS)} "
-                            f"or have a reason outside {list(REASONS)}")
-    if len(store.normalisation) != len(subjects):
-        problems.append("normalisation table length differs from subjects")
-    if a.get("content_hash") and not missing_cols:
-        try:
-            actual = content_hash(store.root, store.recipe, subjects)
-        except Exception as exc:  # noqa: BLE001 - a damaged store can fail in many ways
-            problems.append(f"content hash cannot be recomputed ({type(exc).__name__}: {exc})")
-        else:
-            if actual != a["content_hash"]:
-                problems.append(f"content_hash mismatch: recorded {a['content_hash']}, "
-                                f"recomputed {actual}")
-                problems += _changed_slices(store)
-    return problems
-
-
-def _changed_slices(store: ThighStore) -> list[str]:
-    """Slices whose bytes differ from the digest recorded when they were written."""
-    if "slice_digest" not in store.root:
-        return ["'slice_digest' is missing"]
-    recorded = store.root["slice_digest"][:]
-    images, changed = store.images, []
-    for start in range(0, min(len(recorded), images.shape[0]), HASH_BLOCK):
-        block = slice_digests(images[start:start + HASH_BLOCK])
-        changed += [start + i for i, d in enumerate(block)
-                    if d != bytes(recorded[start + i]).hex()]
-    return [f"{len(changed)} slices differ from their recorded sha256: {_ranges(changed)}"
-            ] if changed else []
-
-
-def _check_subjects(store: ThighStore, subjects: pd.DataFrame, n: int) -> list[str]:
-    problems = []
-    ids = subjects["subject_id"]
-    if ids.duplicated().any():
-        problems.append(f"{int(ids.duplicated().sum())} duplicate subject_id values")
-    bad_ids = [i for i, v in enumerate(ids) if not (isinstance(v, str) and len(v) == 16
-                                                     and all(ch in "0123456789abcdef" for ch in v))]
-    if bad_ids:
-        problems.append(f"subject_id not a 16-hex pseudonym in rows {bad_ids[:10]}")
-    bad_sex = sorted({str(v) for v in subjects["sex"] if v not in ("male", "female", None)})
-    if bad_sex:
-        problems.append(f"sex values {bad_sex} not in ['male', 'female', None]")
-    for c in SPACING_COLUMNS:
-        bad = np.flatnonzero(~(subjects[c].to_numpy(dtype=float) > 0))
-        if len(bad):
-            problems.append(f"{c} not a positive number in rows {bad[:10].tolist()}")
-    expected_start = 0
-    ss, sp = store.slice_subject, store.slice_position
-    for i, (start, count) in enumerate(zip(subjects["slice_start"], subjects["slice_count"])):
-        start, count = int(start), int(count)
-        if start != expected_start:
-            problems.append(f"subject row {i}: slice_start {start}, expected {expected_start} "
-                            "(slices must be contiguous, in table order)")
-        block = slice(start, start + count)
-        if len(ss) >= start + count and len(sp) >= start + count:
-            if np.any(ss[block] != i):
-                problems.append(f"subject row {i}: slice_subject disagrees with "
-                                f"slice_start/slice_count ({start}, {count})")
-            if np.any(sp[block] != np.arange(count)):
-                problems.append(f"subject row {i}: slice_position is not 0..{count - 1}")
-        expected_start = start + count
-    total = int(subjects["slice_count"].sum())
-    if total != n:
-        problems.append(f"subjects' slice_count values add up to {total} slices, "
-                        f"images has {n}")
-    return problems
+def __getattr__(name: str) -> Any:
+    # verify_store moved to data_prep.verify, which imports this module: resolved on first
+    # use so that `from data_prep.store import verify_store` keeps working without a cycle.
+    if name == "verify_store":
+        from data_prep.verify import verify_store
+        return verify_store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,6 @@ accuracy must sit inside the baseline's CI with permutation p > 0.05.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
