@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -61,20 +62,22 @@ def plot_accuracy(df: pd.DataFrame, out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     ok = df[df["status"] == "ok"].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(8, 0.6 * max(len(ok), 2) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * max(len(ok), 2) + 2.6))
     y = range(len(ok))
     if len(ok):
         err = [ok["test_acc"] - ok["test_acc_ci_low"], ok["test_acc_ci_high"] - ok["test_acc"]]
         ax.errorbar(ok["test_acc"], y, xerr=err, fmt="o", color="C0", capsize=4, label="test accuracy (95% CI)")
         ax.scatter(ok["test_baseline_acc"], y, marker="|", s=400, color="C3", label="majority-class baseline")
         ax.scatter(ok["best_val_acc"], y, marker="x", color="grey", label="validation accuracy (selection)")
+        if ok["size_test_acc"].notna().any():
+            ax.scatter(ok["size_test_acc"], y, marker="D", color="C2", s=25, label="body-size baseline (test)")
     ax.axvline(0.5, color="lightgrey", lw=1, zorder=0)
     ax.set_yticks(list(y), ok["cell"].tolist() if len(ok) else [])
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("subject-level accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

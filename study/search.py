@@ -166,13 +166,16 @@ def size_and_saliency(ctx: CellContext, client, model, train, predictions: dict[
         "size.features": ",".join(FEATURES), "size.fit_on": size["fit_on"], "size.area_unit": size["unit"], "size.C": size["C"],
         "size.model": "median impute + StandardScaler + LogisticRegressionCV (L2, C by 5-fold log loss)"})
 
-    method = "gradcam"
+    # layer4 is 1/32 of the input: below 8x8 cells Grad-CAM is a blur, input gradients keep detail
+    rows_in, cols_in = train.input_size or store.recipe.size
+    method = "gradcam" if min(rows_in, cols_in) // 32 >= 8 else "gradient"
     with tempfile.TemporaryDirectory() as tmp:
         report = saliency_report(model.cpu(), store, predictions["rows"], predictions["labels"], predictions["probs"],
                                  out_dir=tmp, input_size=train.input_size, method=method)
         for path in report["paths"]:
             client.log_artifact(ctx.cell_run_id, str(path), "saliency")
-    tracking.log_params(client, ctx.cell_run_id, {"saliency.method": method, "saliency.layer": "layer4",
+    tracking.log_params(client, ctx.cell_run_id, {"saliency.method": method,
+                                                  "saliency.layer": "layer4" if method == "gradcam" else "input",
                                                   "saliency.n_subjects": len(report["paths"])})
     metrics.update(saliency_periphery_fraction=report["periphery_fraction"],
                    saliency_periphery_area_fraction=report["periphery_area_fraction"])
