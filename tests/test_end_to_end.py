@@ -137,22 +137,30 @@ def test_no_planted_phi_reaches_store_or_mlflow(pipeline, mlflow_server):
             assert value.encode() not in data, f"PHI {value!r} found in {path}"
 
 
-def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tmp):
+def _launch_single_cell(pipeline, short_tmp, name: str, **overrides):
+    """Launch a one-cell, one-trial (fc) variant of GRID on the pipeline's store; its experiment's runs."""
     from mlflow.tracking import MlflowClient
 
     from study.launch import main as launch_main
 
-    grid = {**GRID, "name": "e2e_seed", "protocol": "seed_replication", "store": str(pipeline["store"]),
-            "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
-            "threshold_fit": "all", "trials_per_cell": 1, "search": {"freeze": {"choice": ["fc"]}},
-            "train": {**GRID["train"], "epochs": 1}, "split": {"val": 0.2, "test": 0, "seed": 0}}
-    path = pipeline["root"] / "seed.yaml"
+    grid = {**GRID, "name": name, "store": str(pipeline["store"]), "trials_per_cell": 1,
+            "grid": {"cohort": ["oai"], "measure": ["leg_strength"]}, "search": {"freeze": {"choice": ["fc"]}},
+            **overrides}
+    path = pipeline["root"] / f"{name}.yaml"
     path.write_text(yaml.safe_dump(grid))
     assert launch_main(["--grid", str(path), "--tracking-uri", pipeline["url"], "--num-cpus", "2",
-                        "--storage-path", str(short_tmp / "ray_seed")]) == 0
+                        "--storage-path", str(short_tmp / f"ray_{name}")]) == 0
     client = MlflowClient(pipeline["url"])
-    exp = client.get_experiment_by_name("e2e_seed")
+    exp = client.get_experiment_by_name(name)
     (cell,) = client.search_runs([exp.experiment_id], "tags.run_type = 'cell'")
+    trials = client.search_runs([exp.experiment_id], "tags.run_type = 'trial'")
+    return client, cell, trials
+
+
+def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tmp):
+    _, cell, _ = _launch_single_cell(
+        pipeline, short_tmp, "e2e_seed", protocol="seed_replication", threshold_fit="all",
+        train={**GRID["train"], "epochs": 1}, split={"val": 0.2, "test": 0, "seed": 0})
     assert cell.data.tags["reported_partition"] == "val"
     assert "val_acc" in cell.data.metrics and "val_baseline_acc" in cell.data.metrics
     assert not any(k.startswith("test_") for k in cell.data.metrics)  # nothing pretends to be a test set
@@ -160,22 +168,9 @@ def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tm
 
 
 def test_nested_cv_selects_on_inner_folds_and_reports_outer_test(pipeline, short_tmp):
-    from mlflow.tracking import MlflowClient
-
-    from study.launch import main as launch_main
-
-    grid = {**GRID, "name": "e2e_cv", "protocol": "nested_cv", "store": str(pipeline["store"]),
-            "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
-            "trials_per_cell": 1, "search": {"freeze": {"choice": ["fc"]}},
-            "train": {**GRID["train"], "epochs": 2}, "split": {"test": 0.25, "folds": 3, "seed": 0}}
-    path = pipeline["root"] / "cv.yaml"
-    path.write_text(yaml.safe_dump(grid))
-    assert launch_main(["--grid", str(path), "--tracking-uri", pipeline["url"], "--num-cpus", "2",
-                        "--storage-path", str(short_tmp / "ray_cv")]) == 0
-    client = MlflowClient(pipeline["url"])
-    exp = client.get_experiment_by_name("e2e_cv")
-    (cell,) = client.search_runs([exp.experiment_id], "tags.run_type = 'cell'")
-    (trial,) = client.search_runs([exp.experiment_id], "tags.run_type = 'trial'")
+    client, cell, (trial,) = _launch_single_cell(
+        pipeline, short_tmp, "e2e_cv", protocol="nested_cv",
+        train={**GRID["train"], "epochs": 2}, split={"test": 0.25, "folds": 3, "seed": 0})
     assert len(client.get_metric_history(trial.info.run_id, "fold_best_val_acc")) == 3
     assert len(client.get_metric_history(trial.info.run_id, "cv_val_acc")) == 2
     assert cell.data.metrics["best_val_acc"] == pytest.approx(trial.data.metrics["best_val_acc"])
