@@ -6,8 +6,9 @@
 What runs is the trial minus Ray and MLflow: study.trainable.build_trial + study.engine.fit,
 exactly what run_trial calls. The store is written directly here (not through DICOM ingest):
 phantom thigh stacks (data_prep.phantom) through the real preprocessing recipe
-(data_prep.preprocess.apply_recipe) into a Zarr `images` array with one chunk per slice, as in
-data_prep.store, plus an in-memory subjects table and a sha256 content hash.
+(data_prep.preprocess.apply_recipe) into a Zarr `images` array with one chunk per slice (the
+layout data_prep.store wrote before one shard per participant, still read by it), plus an
+in-memory subjects table and a sha256 content hash.
 
 Uncached epochs cost the same every epoch (one forward of every train + val slice through the
 frozen network), so the uncached trial is measured over --uncached-epochs epochs and

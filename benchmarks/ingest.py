@@ -109,6 +109,7 @@ def run_one(n: int, workers: int, out: Path, repeat: int = 1) -> dict:
     for _ in range(repeat):  # alternate, so a burst of load elsewhere hits both sides
         raws_1.append(raw_rate(groups, 1))
         raws_w.append(raw_rate(groups, workers) if workers > 1 else raws_1[-1])
+        shutil.rmtree(store, ignore_errors=True)  # not inside the timed build
         proc = subprocess.run([sys.executable, __file__, "--child-build", str(cohort),
                                str(store), str(workers)], check=True, capture_output=True,
                               text=True)

@@ -209,6 +209,28 @@ def _integer_offsets(values: np.ndarray) -> tuple[np.ndarray | None, float]:
     return shifted.astype(np.int32), float(vmin)
 
 
+def _rescaled(stored: np.ndarray, rescale: tuple[float, float]) -> np.ndarray:
+    """float32 stored x slope + intercept, rounded exactly as load_volume rounds it."""
+    values = np.asarray(stored).astype(np.float32)
+    values *= np.float32(rescale[0])
+    values += np.float32(rescale[1])
+    return values
+
+
+def _percentiles_of_levels(values: np.ndarray, counts: np.ndarray,
+                           percents: Sequence[float]) -> tuple[float, ...]:
+    """Percentiles (as `percentiles`) of a stack holding counts[k] elements of values[k]."""
+    present = np.flatnonzero(counts)
+    order = present[np.argsort(values[present], kind="stable")]  # any slope sign
+    cum = np.cumsum(counts[order])
+    sorted_values = values[order]
+
+    def order_statistics(ranks: np.ndarray) -> np.ndarray:
+        return sorted_values[np.searchsorted(cum, ranks, side="right")]
+
+    return _interpolate(int(cum[-1]), percents, order_statistics)
+
+
 def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Clip float64 values to [lo, hi] and map them to 0..1 (a constant series maps to 0)."""
     if hi > lo:
@@ -220,16 +242,22 @@ def _to_uint16(scaled: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(scaled, 0.0, 1.0) * UINT16_MAX).astype(np.uint16)
 
 
-def apply_recipe(volume: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, dict[str, Any]]:
+def apply_recipe(volume: np.ndarray, recipe: Recipe, rescale: tuple[float, float] = (1.0, 0.0)
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Central slices, percentile clip, scale to 0..65535, resize.
 
-    Integer-valued stacks (the usual case: stored values, rescale slope 1) are scaled
-    through a lookup table over their distinct levels instead of element by element; every
-    level goes through the same float64 arithmetic, so the output is identical.
+    Integer-valued stacks (the usual case: stored values) are scaled through a lookup table
+    over their distinct levels instead of element by element; every level goes through the
+    same arithmetic as its elements would, so the output is identical.
 
     Args:
-        volume: float (n, H, W), ordered along the slice normal, rescale slope/intercept applied.
+        volume: (n, H, W) ordered along the slice normal: modality values (float, rescale
+            applied), or stored integers with their series-wide `rescale` still to apply
+            (load_volume(stored_values=True) and its `Geometry.rescale`).
         recipe: the preprocessing recipe.
+        rescale: (slope, intercept) for integer `volume`: the result equals that of the
+            float32 volume `stored * slope + intercept` (load_volume's arithmetic), bit for
+            bit, without materialising it.
 
     Returns:
         (uint16 array (recipe.n_slices, rows, cols), stats) where stats records the
@@ -238,17 +266,32 @@ def apply_recipe(volume: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, dict[s
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3-D (n, H, W), got shape {volume.shape}")
-    if not np.all(np.isfinite(volume)):
+    identity = tuple(float(v) for v in rescale) == (1.0, 0.0)
+    if not identity and volume.dtype.kind not in "iu":
+        raise ValueError(f"rescale {rescale} is for stored integer values, got {volume.dtype}")
+    if volume.dtype.kind not in "iu" and not np.all(np.isfinite(volume)):
         raise ValueError("volume contains NaN or infinite values")
     window = select_stack(volume.shape[0], recipe.n_slices)
     stack = volume[window]
-    offsets, vmin = _integer_offsets(stack)
+    if stack.dtype.kind == "u" and stack.dtype.itemsize <= 2:
+        # stored values (load_volume(stored_values=True)): they index the histogram and
+        # the lookup table directly (levels from 0; empty levels change nothing)
+        offsets, vmin = stack, 0.0
+    else:
+        offsets, vmin = _integer_offsets(stack)
+    if offsets is None and not identity:
+        return apply_recipe(_rescaled(volume, rescale), recipe)  # a too wide integer range
     if offsets is not None:
         counts = np.bincount(offsets.ravel())
-        n = stack.size
-        lo, hi = _percentiles_from_counts(counts, vmin, n, (recipe.p_low, recipe.p_high))
         # the value of each level, as float64 (exact), through the per-element arithmetic
-        levels = _scale(vmin + np.arange(counts.size, dtype=np.float64), lo, hi)
+        values = vmin + np.arange(counts.size, dtype=np.float64)
+        if identity:
+            lo, hi = _percentiles_from_counts(counts, vmin, stack.size,
+                                              (recipe.p_low, recipe.p_high))
+        else:
+            values = _rescaled(values, rescale).astype(np.float64)
+            lo, hi = _percentiles_of_levels(values, counts, (recipe.p_low, recipe.p_high))
+        levels = _scale(values, lo, hi)
         if stack.shape[1:] == tuple(recipe.size):
             out = np.take(_to_uint16(levels), offsets)  # same-size resize is a copy
         else:

@@ -5,26 +5,28 @@
     store.subjects, store.subject_images(0), store.recipe, store.content_hash
 
 Writing is StoreWriter (used by data_prep/build_store.py). Its build journal lives in
-data_prep/journal.py and the integrity check `verify_store` in data_prep/verify.py; both
-names stay importable from here.
+data_prep/journal.py, the image shard format in data_prep/shards.py, the integrity check
+`verify_store` in data_prep/verify.py and the pseudonyms (`load_salt`, `pseudonym`) in
+data_prep/pseudonyms.py; those names stay importable from here.
 
 Layout (ARCHITECTURE.md "Zarr store"): root attributes (schema_version, complete, recipe,
 measures, cohorts, counts, ingest_problems, content_hash, provenance); arrays `images` uint16
-(n, rows, cols) one chunk per slice (Blosc lz4, keys `c.<slice>.0.0`: IMAGE_CODEC,
-IMAGE_CHUNK_KEYS), `slice_subject` int32, `slice_position` int16, `slice_digest` uint8
+(n, rows, cols) with one shard per participant (shards (n_slices, rows, cols) of inner
+chunks (1, rows, cols), Blosc lz4, keys `c.<participant>.0.0`: data_prep/shards.py; stores
+made before have one unsharded chunk per slice, keys `c.<slice>.0.0`, and are still read,
+verified and appended to), `slice_subject` int32, `slice_position` int16, `slice_digest` uint8
 (n, 32) sha256 per slice; group `subjects` with one 1-D array per numeric
 column and the string columns (pseudonym, cohort, sex) in its attributes; group
 `normalisation` with the per-subject intensity window (`intensity_low`, `intensity_high`).
 While a build runs, `build_journal.jsonl` in the store records finished participants so that
-a rerun resumes (StoreWriter; data_prep/journal.py). The ingest report CSV lies beside the store
-(`ingest_report_path`). No PHI: subjects are known only by a salted HMAC pseudonym; the salt
-never enters the store.
+a rerun resumes (StoreWriter; data_prep/journal.py), and workers stage shard files in
+`build_staging/`. The ingest report CSV lies beside the store (`ingest_report_path`). No PHI:
+subjects are known only by a salted HMAC pseudonym; the salt never enters the store.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -32,20 +34,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numcodecs
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec
 
 from data_prep.cohorts import MEASURES
-from data_prep.journal import (JOURNAL, append_entry, jsonable_rows, read_journal,
+from data_prep.journal import (JOURNAL, JournalWriter, jsonable_rows, read_journal,
                                write_journal_header)
 from data_prep.preprocess import Recipe
+from data_prep.pseudonyms import SALT_ENV, SaltError, load_salt, pseudonym  # noqa: F401
+from data_prep.shards import (IMAGE_CHUNK_KEYS, IMAGE_CODEC, STAGING, create_image_array,  # noqa: F401
+                              is_participant_sharded, remove_stray_shards, reset_staging,
+                              shard_key, write_shard)
 
-SCHEMA_VERSION = 2  # 2: pixel spacing columns in the subjects table
-SALT_ENV = "THIGHMRI_SALT"
-MIN_SALT_CHARS = 16
+# 2: pixel spacing columns in the subjects table. Still 2 with one shard per participant:
+# the arrays and attributes are unchanged, zarr's own array metadata describes the sharding,
+# and this code reads and appends to both layouts.
+SCHEMA_VERSION = 2
 
 STRING_COLUMNS = ("subject_id", "cohort", "sex")
 FLOAT_COLUMNS = ("age", "bmi", *MEASURES, "exercise")
@@ -55,15 +60,6 @@ INT_COLUMNS = ("slice_start", "slice_count")
 SUBJECT_COLUMNS = (*STRING_COLUMNS, *FLOAT_COLUMNS, *SPACING_COLUMNS, *INT_COLUMNS)
 NORM_COLUMNS = ("intensity_low", "intensity_high")
 HASH_BLOCK = 256  # slices read at a time when hashing images
-# Blosc lz4 with bit shuffle: on 256x512 slices about 25x faster than zarr's default (zstd
-# level 0: 6 ms per slice, the builder's largest cost) for 7% more bytes on the synthetic
-# cohort (benchmarks/README.md "Ingest"). Stores made with another codec are still read and
-# appended to (through zarr, in the writing process).
-IMAGE_CODEC = {"typesize": 2, "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle",
-               "blocksize": 0}
-# Chunk keys `c.<slice>.0.0`: all chunk files in one folder. zarr's default `c/<slice>/0/0`
-# makes two folders per slice, and creating them cost more than writing the slice here.
-IMAGE_CHUNK_KEYS = {"name": "default", "separator": "."}
 # Ingest report: one row per unusable file or participant. `source` is a pseudonym, or
 # "<pseudonym>/file#k" (k-th file in sorted path order under the participant's folder);
 # `skipped` is True when the participant was left out, False for a file-level problem.
@@ -77,44 +73,6 @@ class StoreError(RuntimeError):
     """A store that cannot be written or opened as asked; the message says why."""
 
 
-class SaltError(RuntimeError):
-    """No usable pseudonymisation salt."""
-
-
-# ---------------------------------------------------------------- pseudonyms
-def load_salt(salt_file: str | os.PathLike | None = None) -> bytes:
-    """The pseudonymisation salt from `salt_file`, else from $THIGHMRI_SALT.
-
-    Raises:
-        SaltError: with instructions when neither is set or the salt is too short.
-    """
-    if salt_file is not None:
-        path = Path(salt_file)
-        if not path.is_file():
-            raise SaltError(f"Salt file {path} does not exist.")
-        salt = path.read_text(encoding="utf-8").strip()
-        where = f"salt file {path}"
-    else:
-        salt = os.environ.get(SALT_ENV, "").strip()
-        where = f"${SALT_ENV}"
-    if not salt:
-        raise SaltError(
-            f"No pseudonymisation salt: set {SALT_ENV} or pass --salt-file FILE. Create one "
-            "once with\n  python -c \"import secrets; print(secrets.token_hex(32))\" > salt.txt\n"
-            "keep it outside the store and outside version control, and reuse it for every "
-            "build so that pseudonyms stay the same across stores.")
-    if len(salt) < MIN_SALT_CHARS:
-        raise SaltError(f"The salt in {where} has {len(salt)} characters; use at least "
-                        f"{MIN_SALT_CHARS} (e.g. secrets.token_hex(32)).")
-    return salt.encode("utf-8")
-
-
-def pseudonym(salt: bytes, cohort: str, key: str) -> str:
-    """First 16 hex digits of HMAC-SHA256(salt, "<cohort>:<original key>")."""
-    msg = f"{cohort}:{key}".encode("utf-8")
-    return hmac.new(salt, msg, hashlib.sha256).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------- writing
 class StoreWriter:
     """Streams subjects into a store, resumably; `finish()` writes `complete` last.
@@ -124,11 +82,24 @@ class StoreWriter:
     fingerprint of cohort, recipe, inputs and salt chosen by the caller). Progress lives in
     the journal `<store>/build_journal.jsonl`: a header line (the build key and, for an
     append, the store's previous table and attributes) and one line per participant folder,
-    appended and fsynced after that participant's slices are on disk. Image chunks are the
-    only data written before `finish()`; the slice index arrays, tables and attributes are
-    rewritten from the journal by `finish()`, so a kill at any point (even inside finish)
-    leaves a store that `open_store` refuses and the next `start` completes, with the
-    previous cohorts' slices untouched. The journal holds pseudonyms only (no PHI).
+    written after that participant's image file is in place. Image files are the only data
+    written before `finish()`; the slice index arrays, tables and attributes are rewritten
+    from the journal by `finish()`, so a kill at any point (even inside finish) leaves a store
+    that `open_store` refuses and the next `start` completes, with the previous cohorts'
+    slices untouched. The journal holds pseudonyms only (no PHI).
+
+    Sharded stores (`sharded`; data_prep/shards.py): a worker writes a participant's shard
+    into `<store>/build_staging/` (`staged_path`) and `add(..., staged=...)` only renames it
+    to `images/c.<k>.0.0`. The images array's shape is set once, by `finish()` (which also
+    deletes stray shards of participants never journaled), so in an unfinished store it is
+    not meaningful (for an append it stays the previous size). Stores of the older layout
+    (one chunk per slice) are written through zarr (`images=`), resized per participant.
+
+    Durability: journal lines are flushed at once, fsynced at most about once per second and
+    at `finish()`; image files are not fsynced. A killed process loses nothing journaled. An
+    OS crash or power loss may lose the last second of journal lines (those participants are
+    redone on resume) and damage journaled slices: `build_store.py --verify` (it re-hashes
+    every slice against `slice_digest`) checks a store that survived one.
     """
 
     def __init__(self, path: Path, root: zarr.Group, recipe: Recipe, header: dict,
@@ -157,17 +128,22 @@ class StoreWriter:
         # Runtime config is not persisted: re-apply it on every open for writing. Empty
         # chunks are written too, so a missing chunk always means "never written".
         self.images = root["images"].with_config({"write_empty_chunks": True})
-        if self.images.shape[0] != self.n_slices:
-            # slices of a participant that was not journaled before the kill: drop them
+        self.sharded = is_participant_sharded(self.images, recipe)
+        # files of participants that were not journaled before a kill: dropped (sharded: a
+        # leftover shard beyond the journaled ones is replaced, or deleted by finish())
+        self.staging = reset_staging(path, create=self.sharded)
+        if not self.sharded and self.images.shape[0] != self.n_slices:
             self.images.resize((self.n_slices, *recipe.size))
-        self._journal = open(path / JOURNAL, "a", encoding="utf-8")
-        # Chunks encoded elsewhere (encode_slices, in ingest workers) are written as files
-        # only when the array uses exactly IMAGE_CODEC; else add() needs the images.
-        self.takes_encoded = _uses_image_codec(self.images)
+        self._journal = JournalWriter(path / JOURNAL)
 
     @property
     def journal_path(self) -> Path:
         return self.path / JOURNAL
+
+    def staged_path(self, job: int) -> Path | None:
+        """Where a worker writes job `job`'s shard (shards.write_shard) for `add(staged=)`;
+        None when this store's images are not sharded (then pass `images` to add)."""
+        return self.staging / f"{job}.shard" if self.sharded else None
 
     @classmethod
     def start(cls, path: str | os.PathLike, recipe: Recipe, *, build_key: str,
@@ -220,12 +196,7 @@ class StoreWriter:
             root = zarr.open_group(str(path), mode="w")
             root.attrs.update({"schema_version": SCHEMA_VERSION, "complete": False,
                                "recipe": recipe.to_dict()})
-            rows, cols = recipe.size
-            # One chunk per slice: training reads random slices.
-            root.create_array("images", shape=(0, rows, cols), chunks=(1, rows, cols),
-                              dtype="uint16", fill_value=0, compressors=BloscCodec(**IMAGE_CODEC),
-                              chunk_key_encoding=IMAGE_CHUNK_KEYS,
-                              config={"write_empty_chunks": True})
+            create_image_array(root, recipe)  # one shard per participant
             base = {"n_slices": 0, "rows": [], "norm": [], "digests": [], "attrs": {}}
             write_journal_header(path, build_key, append, recipe, base)
         header, entries = read_journal(path)
@@ -236,7 +207,7 @@ class StoreWriter:
 
     def add(self, entry: dict[str, Any], images: np.ndarray | None = None,
             stats: dict[str, Any] | None = None, digests: list[str] | None = None,
-            encoded: list[bytes] | None = None) -> None:
+            staged: str | os.PathLike | None = None) -> None:
         """Record one participant folder: its slices (if ingested), then its journal line.
 
         Args:
@@ -244,29 +215,38 @@ class StoreWriter:
                 for an ingested participant `row` (subject_id, cohort, canonical fields,
                 pixel spacing).
             images: uint16 (n_slices, rows, cols) for an ingested participant, else None.
-            stats: apply_recipe's stats (normalisation window) with `images`.
+            stats: apply_recipe's stats (normalisation window) with `images` or `staged`.
             digests: `slice_digests(images)` if already computed (e.g. by a worker).
-            encoded: `encode_slices(images)`, computed by a worker, instead of `images`
-                (needs `takes_encoded` and `digests`): this process then only writes
-                files, one chunk per slice under its own key; the chunks are on disk
-                before the journal line is written, as with `images`.
+            staged: instead of `images` (sharded stores only, with `digests`): a shard file
+                a worker wrote with `shards.write_shard(images, staged_path(job))`; it is
+                renamed into place (`images/c.<k>.0.0`) before the journal line is written.
         """
         entry = dict(entry, index=len(self.entries), slice_count=0)
-        if images is not None or encoded is not None:
-            expected = (self.recipe.n_slices, *self.recipe.size)
-            if encoded is not None:
-                self._check_encoded(encoded, digests)
+        if images is not None or staged is not None:
+            n = self.recipe.n_slices
+            expected = (n, *self.recipe.size)
+            if staged is not None:
+                if not self.sharded:
+                    raise StoreError("this store's images are not one shard per participant "
+                                     "(an older layout): pass the images, not a staged shard")
+                if digests is None or len(digests) != n:
+                    raise StoreError(f"a staged shard needs its {n} slice digests")
             elif images.dtype != np.uint16 or images.shape != expected:
                 raise StoreError(f"images must be uint16 {expected}, got {images.dtype} "
                                  f"{images.shape}")
             row = entry["row"]
             if row["subject_id"] in self._ids:
                 raise StoreError(f"subject {row['subject_id']} is already in the store")
-            n, start = expected[0], self.n_slices
-            self.images.resize((start + n, *self.recipe.size))
-            if encoded is not None:
-                self._write_encoded(start, encoded)
+            start = self.n_slices
+            if self.sharded:
+                if start % n:  # every participant has n slices and appends keep the recipe
+                    raise StoreError(f"slice_start {start} is not a multiple of {n}")
+                if staged is None:
+                    staged = self.staging / "writer.shard"
+                    write_shard(images, staged)
+                os.replace(staged, self.path / "images" / shard_key(start // n))
             else:
+                self.images.resize((start + n, *self.recipe.size))
                 self.images[start:start + n] = images
             digests = list(digests) if digests is not None else slice_digests(images)
             entry.update(slice_start=start, slice_count=n, digests=digests,
@@ -276,38 +256,21 @@ class StoreWriter:
             self.norm.append(dict(entry["norm"]))
             self._ids.add(row["subject_id"])
             self.n_slices += n
-        append_entry(self._journal, entry)  # durable before it counts: a resume skips it
+        self._journal.append(entry)  # a resume skips it from now on
         self.entries.append(entry)
-
-    def _check_encoded(self, encoded: list[bytes], digests: list[str] | None) -> None:
-        if not self.takes_encoded:
-            raise StoreError("this store's images array does not use IMAGE_CODEC: pass the "
-                             "images, not encoded chunks")
-        nbytes = 2 * self.recipe.size[0] * self.recipe.size[1]
-        if (len(encoded) != self.recipe.n_slices or digests is None
-                or len(digests) != len(encoded)
-                or any(_blosc_nbytes(c) != nbytes for c in encoded)):
-            raise StoreError(f"encoded chunks must be {self.recipe.n_slices} blosc chunks of "
-                             f"{nbytes} bytes each, with one digest per chunk")
-
-    def _write_encoded(self, start: int, encoded: list[bytes]) -> None:
-        """Each chunk to its own file (the local store's layout): no two writers share one."""
-        folder = self.path / "images"
-        for i, chunk in enumerate(encoded):
-            key = self.images.metadata.encode_chunk_key((start + i, 0, 0))
-            target = folder / key
-            if "/" in key:  # a store made with zarr's default chunk keys
-                target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(chunk)
 
     def finish(self, *, cohort: str, cohort_summary: dict[str, Any],
                ingest_problems: list[dict[str, Any]], provenance: dict[str, Any]) -> str:
         """Write index arrays, tables, attributes, report CSV, hash; then `complete` last."""
         self._journal.close()
+        n = self.n_slices
+        if self.sharded:  # the images array's shape is set here only (see class docstring)
+            if self.images.shape[0] != n:
+                self.images.resize((n, *self.recipe.size))
+            remove_stray_shards(self.path / "images", n // self.recipe.n_slices)
+            shutil.rmtree(self.staging, ignore_errors=True)
         subjects = _subjects_frame(self.rows)
         cfg = {"write_empty_chunks": True}
-        n = self.n_slices
         slice_subject = np.repeat(np.arange(len(subjects), dtype=np.int32),
                                   subjects["slice_count"].to_numpy())
         slice_position = np.concatenate(
@@ -350,33 +313,6 @@ class StoreWriter:
         self.root.attrs["complete"] = True  # last: everything above is on disk
         self.journal_path.unlink(missing_ok=True)
         return digest
-
-
-def encode_slices(images: np.ndarray) -> list[bytes]:
-    """One IMAGE_CODEC chunk per slice, byte for byte what zarr writes for the images array
-    (bytes codec, little endian, then Blosc); for ingest workers (StoreWriter.add)."""
-    codec = numcodecs.Blosc(cname=IMAGE_CODEC["cname"], clevel=IMAGE_CODEC["clevel"],
-                            shuffle=numcodecs.Blosc.BITSHUFFLE,
-                            blocksize=IMAGE_CODEC["blocksize"], typesize=IMAGE_CODEC["typesize"])
-    images = np.ascontiguousarray(images, dtype="<u2")
-    return [bytes(codec.encode(s)) for s in images]
-
-
-def _blosc_nbytes(chunk: bytes) -> int:
-    """Uncompressed size recorded in a Blosc chunk's header (bytes 4-7, little endian)."""
-    return int.from_bytes(chunk[4:8], "little") if len(chunk) >= 16 else -1
-
-
-def _uses_image_codec(images: zarr.Array) -> bool:
-    meta = images.metadata
-    return (getattr(meta, "zarr_format", None) == 3 and not images.filters
-            and images.serializer is not None
-            and images.serializer.to_dict() == {"name": "bytes",
-                                                "configuration": {"endian": "little"}}
-            and [c.to_dict() for c in images.compressors]
-            == [BloscCodec(**IMAGE_CODEC).to_dict()]
-            and meta.encode_chunk_key((0, 0, 0)) in ("c.0.0.0", "c/0/0/0")
-            and images.shards is None and tuple(images.chunks) == (1, *images.shape[1:]))
 
 
 def _root_attrs(path: Path) -> dict | None:
@@ -440,7 +376,7 @@ def _read_table(root: zarr.Group, name: str) -> pd.DataFrame:
 def slice_digests(images: np.ndarray) -> list[str]:
     """sha256 (hex) of each slice's bytes (C order, little-endian uint16)."""
     images = np.ascontiguousarray(images, dtype="<u2")
-    return [hashlib.sha256(s.tobytes()).hexdigest() for s in images]
+    return [hashlib.sha256(s).hexdigest() for s in images]  # C-contiguous: no copy
 
 
 def content_hash(root: zarr.Group, recipe: Recipe, subjects: pd.DataFrame,

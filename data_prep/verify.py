@@ -18,6 +18,7 @@ import pandas as pd
 import zarr
 
 from data_prep.journal import JOURNAL
+from data_prep.shards import STAGING, shard_index_nbytes, written_inner_chunks
 from data_prep.store import (HASH_BLOCK, REASONS, REPORT_COLUMNS, SPACING_COLUMNS,
                              SUBJECT_COLUMNS, StoreError, ThighStore, content_hash, open_store,
                              slice_digests)
@@ -26,11 +27,13 @@ from data_prep.store import (HASH_BLOCK, REASONS, REPORT_COLUMNS, SPACING_COLUMN
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Every problem found in the store at `path` ([] when it is sound).
 
-    Checks schema version, required attributes and arrays, image dtype/shape/chunking, that
-    every image chunk was written (an unwritten chunk would read back as zeros), the subjects
-    table (columns, pseudonyms, sex codes, pixel spacing), slice_subject / slice_position
-    against slice_start / slice_count, the `counts` attribute, the ingest problems, and that
-    the recomputed content hash equals the recorded one. All problems are listed at once.
+    Checks schema version, required attributes and arrays, no leftover build journal or
+    staging folder, image dtype/shape/chunking, that every image chunk was written (an
+    unwritten chunk would read back as zeros; in a sharded store: listed in its shard's
+    index, which must be intact), the subjects table (columns, pseudonyms, sex codes,
+    pixel spacing), slice_subject / slice_position against slice_start / slice_count, the
+    `counts` attribute, the ingest problems, and that the recomputed content hash equals the
+    recorded one. All problems are listed at once.
     """
     try:
         store = open_store(path, require_complete=False)
@@ -44,6 +47,9 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     if (Path(path) / JOURNAL).exists():
         problems.append(f"a build journal ({JOURNAL}) is present: a build or append is "
                         "unfinished or was interrupted")
+    if (Path(path) / STAGING).exists():
+        problems.append(f"a build staging folder ({STAGING}) is present: a build or append "
+                        "is unfinished or was interrupted")
     for key in ("recipe", "measures", "cohorts", "counts", "ingest_problems", "content_hash",
                 "provenance"):
         if key not in a:
@@ -62,7 +68,11 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     if tuple(images.chunks) != (1, rows, cols):
         problems.append(f"images chunks {images.chunks}, expected one chunk per slice")
     else:
-        missing = sorted(set(range(n)) - _written_chunk_rows(images))
+        written, damaged = _written_chunk_rows(images)
+        if damaged:
+            problems.append(f"{len(damaged)} image shards have a damaged index (their slices "
+                            f"cannot be read): {', '.join(damaged[:8])}")
+        missing = sorted(set(range(n)) - written)
         if missing:
             problems.append(f"{len(missing)} of {n} image chunks were never written (they "
                             f"would read as zeros): slices {_ranges(missing)}")
@@ -144,23 +154,45 @@ def _check_subjects(store: ThighStore, subjects: pd.DataFrame, n: int) -> list[s
     return problems
 
 
-def _written_chunk_rows(images: zarr.Array) -> set[int]:
-    """Slice indices whose image chunk exists in the store (one chunk per slice)."""
+def _written_chunk_rows(images: zarr.Array) -> tuple[set[int], list[str]]:
+    """(slice indices whose image chunk exists in the store, shard keys whose index is
+    damaged). One chunk per slice, or shards of inner chunks of one slice along axis 0
+    (data_prep/shards.py: index at the end with zarr's default index codecs)."""
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
     store = images.store
     prefix = images.path.rstrip("/") + "/"
+    sharded = images.shards is not None
+    per_file = int(images.shards[0]) if sharded else 1
+    config = images.metadata.codecs[0].to_dict().get("configuration", {}) if sharded else {}
+    indexed = sharded and config.get("index_location") == "end" and [
+        c["name"] for c in config.get("index_codecs", ())] == ["bytes", "crc32c"]
 
     async def keys() -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
+    async def tail(key: str) -> bytes:
+        buf = await store.get(key, default_buffer_prototype(),
+                              SuffixByteRequest(shard_index_nbytes(per_file)))
+        return b"" if buf is None else buf.to_bytes()
+
     separator = images.metadata.chunk_key_encoding.separator  # "." (IMAGE_CHUNK_KEYS) or "/"
-    rows = set()
+    rows, damaged = set(), []
     for key in sync(keys()):
         parts = key[len(prefix):].split(separator)
-        if len(parts) == 4 and parts[0] == "c" and parts[1].isdigit():
-            rows.add(int(parts[1]))
-    return rows
+        if not (len(parts) == 4 and parts[0] == "c" and parts[1].isdigit()):
+            continue
+        first = int(parts[1]) * per_file
+        if not indexed:  # one chunk per slice (or a shard index this code does not read)
+            rows.update(range(first, first + per_file))
+            continue
+        try:
+            rows.update(first + i for i in written_inner_chunks(sync(tail(key)), per_file))
+        except ValueError:
+            damaged.append(key[len(prefix):])
+    return rows, damaged
 
 
 def _changed_slices(store: ThighStore) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import numpy as np
@@ -223,7 +224,7 @@ def test_truncated_and_empty_pixel_data_are_categorised(tmp_path):
     assert err.value.reason in REASONS
 
 
-def test_scan_keeps_thigh_datasets_so_each_file_is_parsed_once(tmp_path, monkeypatch):
+def test_scan_keeps_thigh_pixels_so_each_file_is_read_once(tmp_path, monkeypatch):
     import data_prep.dicom_series as ds_module
 
     write_series(tmp_path / "s3", n=6, slope=2.0, intercept=-5.0)
@@ -231,15 +232,81 @@ def test_scan_keeps_thigh_datasets_so_each_file_is_parsed_once(tmp_path, monkeyp
                  image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), series_number=1)
     reference, ref_geometry = load_volume(
         select_thigh_series(scan_tree(tmp_path).series, ["THIGH"]).series)
-    calls = []
-    real = pydicom.dcmread
+    parsed, fast, pixels = [], [], []
+    real_dcmread, real_fast = pydicom.dcmread, ds_module.dicom_fast.read_file
     monkeypatch.setattr(ds_module.pydicom, "dcmread",
-                        lambda path, **kw: calls.append(path) or real(path, **kw))
+                        lambda path, **kw: parsed.append(path) or real_dcmread(path, **kw))
+
+    def counting_fast(path, want=None):
+        found = real_fast(path, want)
+        fast.append(path)
+        if found is not None and found[1] is not None:
+            pixels.append(path)
+        return found
+
+    monkeypatch.setattr(ds_module.dicom_fast, "read_file", counting_fast)
     scan = scan_tree(tmp_path, keep_patterns=["THIGH"])
     thigh = select_thigh_series(scan.series, ["THIGH"]).series
-    assert len(thigh.datasets) == 6  # the localizer's datasets are not kept
+    assert len(thigh.datasets) == 6  # the localizer's pixels are not read
     assert all(not s.datasets for s in scan.series if s.is_localizer)
     volume, geometry = load_volume(thigh)
-    assert len(calls) == 9 and len(set(calls)) == 9  # every file parsed exactly once
+    # these are plain files: the fast reader reads each once, pixels only of the thigh series
+    assert len(fast) == 9 and len(set(fast)) == 9 and parsed == []
+    assert sorted(pixels) == sorted(thigh.files)
     assert np.array_equal(volume, reference) and geometry == ref_geometry
     assert not thigh.datasets  # released after decoding
+
+    # the same files through pydicom only (what a file the fast reader declines takes)
+    monkeypatch.setattr(ds_module.dicom_fast, "read_file", lambda path, want=None: None)
+    scan = scan_tree(tmp_path, keep_patterns=["THIGH"])
+    volume, geometry = load_volume(select_thigh_series(scan.series, ["THIGH"]).series)
+    assert len(parsed) == 9 and len(set(parsed)) == 9  # every file parsed exactly once
+    assert np.array_equal(volume, reference) and geometry == ref_geometry
+
+
+def test_stored_values_come_with_the_series_rescale(tmp_path):
+    write_series(tmp_path / "plain", n=5)
+    write_series(tmp_path / "scaled", n=5, slope=2.0, intercept=-5.0, patient_id="9000002")
+    for name, scaled in (("plain", False), ("scaled", True)):
+        series = select_thigh_series(scan_tree(tmp_path / name, keep_patterns=["THIGH"]).series,
+                                     ["THIGH"]).series
+        stored, geometry = load_volume(series, stored_values=True)
+        series = select_thigh_series(scan_tree(tmp_path / name).series, ["THIGH"]).series
+        floats, geometry_f = load_volume(series)
+        assert floats.dtype == np.float32 and geometry_f.rescale == (1.0, 0.0)
+        assert stored.dtype == np.int16  # MR_small is signed
+        slope, intercept = geometry.rescale
+        assert geometry.rescale == ((2.0, -5.0) if scaled else (1.0, 0.0))
+        assert geometry == dataclasses.replace(geometry_f, rescale=geometry.rescale)
+        assert np.array_equal(stored * np.float32(slope) + np.float32(intercept), floats)
+        assert floats[:, 0, 0].tolist() == [slope * v + intercept for v in (50, 40, 30, 20, 10)]
+
+
+def test_a_damaged_header_value_skips_that_file_not_the_scan(tmp_path):
+    paths = write_series(tmp_path / "3", n=7)
+    first = min(paths)  # scanned first: its header describes the series
+    data = first.read_bytes()
+    series_number = b"\x20\x00\x11\x00IS"  # (0020,0011) with its VR, explicit little endian
+    assert data.count(series_number) == 1
+    first.write_bytes(data.replace(series_number, b"\x20\x00\x11\x00WS"))  # no such VR
+    scan = scan_tree(tmp_path, keep_patterns=["THIGH"])
+    assert [(s.path, s.category) for s in scan.skipped] == [(first, "undecodable")]
+    assert "NotImplementedError" in scan.skipped[0].reason
+    series = select_thigh_series(scan.series, ["THIGH"]).series
+    assert len(series.files) == 6 and first not in series.files  # the others still count
+
+
+def test_list_files_follows_links_once_and_skips_broken_ones(tmp_path):
+    from data_prep.dicom_series import list_files
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f2").write_bytes(b"x")
+    (tmp_path / "a" / "f1").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "f3").write_bytes(b"x")
+    (tmp_path / "a" / "linked").symlink_to(tmp_path / "elsewhere")  # followed, like rglob
+    (tmp_path / "a" / "b" / "loop").symlink_to(tmp_path / "a")  # must not recurse forever
+    (tmp_path / "a" / "broken").symlink_to(tmp_path / "missing")
+    files = list_files(tmp_path / "a")
+    assert files == sorted(files)
+    assert [p.name for p in files] == ["f2", "f1", "f3"]

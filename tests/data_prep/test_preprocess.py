@@ -169,3 +169,30 @@ def test_percentiles_follow_numpys_rounding_at_half_way():
         pytest.fail("no pair found where the two lerp formulas differ")
     values = np.array([a, b, b + 1])  # n = 3: the 25th percentile is half-way from a to b
     assert percentiles(values, [25.0]) == tuple(np.percentile(values, [25.0]))
+
+
+@pytest.mark.parametrize("size,version", [((32, 64), 2), ((32, 64), 1), ((24, 40), 2),
+                                          ((64, 128), 2)])
+def test_stored_integers_and_floats_give_identical_output(size, version):
+    """load_volume(stored_values=True) hands uint16 / int16 stacks to apply_recipe: same output
+    as the float32 volume of the same values, bit for bit."""
+    rng = np.random.default_rng(3)
+    stored = rng.integers(100, 3900, (9, 64, 128)).astype(np.uint16)
+    stored[2] = 0  # empty levels and a dark slice
+    recipe = Recipe(n_slices=7, size=size, version=version)
+    reference, ref_stats = apply_recipe(stored.astype(np.float32), recipe)
+    for ints in (stored, stored.astype(np.int16) - np.int16(500)):
+        floats = ints.astype(np.float32)
+        expected, expected_stats = apply_recipe(floats, recipe)
+        out, stats = apply_recipe(ints, recipe)
+        assert out.dtype == np.uint16 and np.array_equal(out, expected)
+        assert stats == expected_stats
+    assert np.array_equal(apply_recipe(stored, recipe)[0], reference)
+    # stored values + the series rescale == the float32 volume load_volume would build
+    for slope, intercept in ((2.0, -5.0), (1.37, 12.25), (-0.5, 3000.0), (1.0, -1024.0)):
+        floats = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        expected, expected_stats = apply_recipe(floats, recipe)
+        out, stats = apply_recipe(stored, recipe, rescale=(slope, intercept))
+        assert np.array_equal(out, expected) and stats == expected_stats, (slope, intercept)
+    with pytest.raises(ValueError, match="stored integer"):
+        apply_recipe(stored.astype(np.float32), recipe, rescale=(2.0, 0.0))
