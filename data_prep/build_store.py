@@ -52,8 +52,8 @@ from tqdm import tqdm
 
 from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, apply_column_overrides,
                                builtin_specs, load_spec, participant_folders, select_visit)
-from data_prep.dicom_series import (DicomSeriesError, list_files, load_volume, scan_tree,
-                                    select_thigh_series)
+from data_prep.dicom_series import DicomSeriesError, list_files, scan_tree, select_thigh_series
+from data_prep.dicom_volume import load_volume
 from data_prep.journal import read_journal
 from data_prep.preprocess import Recipe, apply_recipe
 from data_prep.shards import write_shard
