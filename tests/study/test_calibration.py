@@ -11,7 +11,6 @@ accuracy must sit inside the baseline's CI with permutation p > 0.05.
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
@@ -27,40 +26,11 @@ GRID = {
 
 
 def _run_cell(tmp_path, *, null: bool) -> dict[str, float]:
-    from data_prep.build_store import main as build_main
-    from data_prep.store import open_store
-    from data_prep.synth import generate_cohort
-    from study.config import parse_grid
-    from study.engine import evaluate, fit
-    from study.metrics import summarize
-    from study.model import seed_everything
-    from study.plan import plan_cells
-    from study.trainable import CellContext, build_trial
+    from study.calibration import build_synthetic_store, holdout_summary
 
-    cohort = tmp_path / "cohort"
-    generate_cohort(cohort, subjects=N_SUBJECTS, seed=11, null=null, matrix=(64, 128))
-    (tmp_path / "salt").write_text("calibration-salt-0123456789abcdef\n")
-    store_path = tmp_path / "store.zarr"
-    assert build_main(["--dicom", str(cohort / "oai" / "dicom"), "--tables", str(cohort / "oai" / "tables"),
-                       "--cohort", "oai", "--out", str(store_path), "--size", "64x128",
-                       "--salt-file", str(tmp_path / "salt"), "--no-progress"]) in (0, None)
-    store = open_store(store_path)
-    grid = parse_grid({**GRID, "store": str(store_path)})
-    (plan,) = plan_cells(grid, store)
-    ctx = CellContext(cell=plan.cell, store=str(store_path), store_hash=store.content_hash, train=grid.train,
-                      split=plan.split, labels=plan.labels, threshold=plan.threshold,
-                      threshold_rule=plan.threshold_rule, direction=plan.direction, tracking_uri="",
-                      experiment_id="", cell_run_id="", cpus_per_trial=2, gpus_per_trial=0)
-    torch.set_num_threads(2)
-    seed_everything(grid.train.seed)
-    model, fit_model, loaders, _ = build_trial(store, ctx, grid.train)
-    t = grid.train
-    fit(fit_model, loaders["train"], loaders["val"], epochs=t.epochs, optimizer=t.optimizer, lr=t.lr,
-        weight_decay=t.weight_decay)
-    from study.trainable import make_loaders
-
-    out = evaluate(model, make_loaders(store, ctx, t, partitions=("test",))["test"])
-    return summarize(out["subject_labels"], out["subject_probs"], train_labels=plan.labels["train"], seed=0)
+    store = build_synthetic_store(tmp_path, subjects=N_SUBJECTS, seed=11, null=null,
+                                  matrix=(64, 128))
+    return holdout_summary(store, GRID)
 
 
 def test_planted_effect_is_found(tmp_path):
