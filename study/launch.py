@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # Ray workers inherit it
+    # one "View run" line per cell and trial buries the results table; the launch prints
+    # the launch run's UI link at the end (set this to false to get them back)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     t0 = time.time()
     results, ids = run_grid(grid, store, plans, tracking_uri=tracking_uri, ray_address=args.ray_address,
                             num_cpus=args.num_cpus, storage_path=args.storage_path)
