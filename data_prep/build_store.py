@@ -41,7 +41,6 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -49,7 +48,7 @@ from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, apply_colu
                                builtin_specs, load_spec, participant_folders, select_visit)
 from data_prep.ingest_worker import (ParticipantResult, classify_series_error,  # noqa: F401
                                      ordered_results, process_participant)
-from data_prep.journal import read_journal
+from data_prep.journal import jsonable_rows, read_journal
 from data_prep.preprocess import Recipe
 from data_prep.store import (SaltError, StoreError, StoreWriter, ingest_report_path,
                              load_salt, open_store, pseudonym)
@@ -189,16 +188,7 @@ def _entry(res: ParticipantResult, salt: bytes, spec: CohortSpec, table: dict[st
 
 def _table_rows(table: pd.DataFrame) -> dict[str, dict]:
     """{key: row as JSON-able values}: one pass instead of a `.loc` per participant."""
-    return {k: {c: _json_value(v) for c, v in row.items()}
-            for k, row in table.to_dict("index").items()}
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, (float, np.floating)):
-        return None if np.isnan(v) else float(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
+    return dict(zip(table.index, jsonable_rows(table)))
 
 
 def _code_version() -> str:

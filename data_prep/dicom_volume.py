@@ -27,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 
 from data_prep.dicom_series import (ORIENTATION_ATOL, SPACING_RTOL, DicomSeriesError, SeriesInfo,
                                     _quiet_pydicom)
+from data_prep.preprocess import rescale_stored
 
 
 @dataclass(frozen=True)
@@ -167,17 +168,6 @@ def _slice_record(path: Path, kept: Any) -> dict:
     }
 
 
-def _rescale(pixels: np.ndarray, slope: float, intercept: float,
-             out: np.ndarray | None = None) -> np.ndarray:
-    """float32 of stored values x slope + intercept (into `out` when given)."""
-    values = out if out is not None else np.empty(pixels.shape, np.float32)
-    values[...] = pixels
-    if slope != 1.0 or intercept != 0.0:  # x * 1 + 0 == x: skip two passes in the usual case
-        values *= np.float32(slope)
-        values += np.float32(intercept)
-    return values
-
-
 def _assemble(slices: list[dict], stored_values: bool = False) -> tuple[np.ndarray, Geometry]:
     ref = slices[0]
     for s in slices[1:]:
@@ -228,7 +218,7 @@ def _assemble(slices: list[dict], stored_values: bool = False) -> tuple[np.ndarr
         rescale = (1.0, 0.0)
         volume = np.empty((len(ordered), *ref["pixels"].shape), np.float32)
         for i, s in enumerate(ordered):
-            _rescale(s["pixels"], s["slope"], s["intercept"], out=volume[i])
+            rescale_stored(s["pixels"], s["slope"], s["intercept"], out=volume[i])
     geometry = Geometry(
         pixel_spacing=ref["spacing"],
         slice_spacing=slice_spacing,

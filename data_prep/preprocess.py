@@ -209,11 +209,16 @@ def _integer_offsets(values: np.ndarray) -> tuple[np.ndarray | None, float]:
     return shifted.astype(np.int32), float(vmin)
 
 
-def _rescaled(stored: np.ndarray, rescale: tuple[float, float]) -> np.ndarray:
-    """float32 stored x slope + intercept, rounded exactly as load_volume rounds it."""
-    values = np.asarray(stored).astype(np.float32)
-    values *= np.float32(rescale[0])
-    values += np.float32(rescale[1])
+def rescale_stored(stored: np.ndarray, slope: float, intercept: float,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """float32 stored x slope + intercept (into `out` when given): the modality rescale as
+    load_volume applies it and apply_recipe(rescale=) reproduces it, one arithmetic for
+    both so they round alike."""
+    values = out if out is not None else np.empty(np.shape(stored), np.float32)
+    values[...] = stored
+    if slope != 1.0 or intercept != 0.0:  # x * 1 + 0 == x: skip two passes in the usual case
+        values *= np.float32(slope)
+        values += np.float32(intercept)
     return values
 
 
@@ -280,7 +285,7 @@ def apply_recipe(volume: np.ndarray, recipe: Recipe, rescale: tuple[float, float
     else:
         offsets, vmin = _integer_offsets(stack)
     if offsets is None and not identity:
-        return apply_recipe(_rescaled(volume, rescale), recipe)  # a too wide integer range
+        return apply_recipe(rescale_stored(volume, *rescale), recipe)  # a too wide integer range
     if offsets is not None:
         counts = np.bincount(offsets.ravel())
         # the value of each level, as float64 (exact), through the per-element arithmetic
@@ -289,7 +294,7 @@ def apply_recipe(volume: np.ndarray, recipe: Recipe, rescale: tuple[float, float
             lo, hi = _percentiles_from_counts(counts, vmin, stack.size,
                                               (recipe.p_low, recipe.p_high))
         else:
-            values = _rescaled(values, rescale).astype(np.float64)
+            values = rescale_stored(values, *rescale).astype(np.float64)
             lo, hi = _percentiles_of_levels(values, counts, (recipe.p_low, recipe.p_high))
         levels = _scale(values, lo, hi)
         if stack.shape[1:] == tuple(recipe.size):
