@@ -50,8 +50,9 @@ from data_prep.ingest_worker import (ParticipantResult, classify_series_error,  
                                      ordered_results, process_participant)
 from data_prep.journal import jsonable_rows, read_journal
 from data_prep.preprocess import Recipe
-from data_prep.store import (SaltError, StoreError, StoreWriter, ingest_report_path,
-                             load_salt, open_store, pseudonym)
+from data_prep.store import (SaltError, StoreError, ingest_report_path, load_salt, open_store,
+                             pseudonym)
+from data_prep.store_writer import StoreWriter
 from data_prep.tables import load_cohort_table
 from data_prep.verify import verify_store
 
