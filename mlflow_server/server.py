@@ -37,6 +37,8 @@ HOST = "127.0.0.1"  # local only; a shared server is a separate deployment (see 
 DEFAULT_PORT = 5050  # not MLflow's 5000, which macOS AirPlay and many dev servers take
 DEFAULT_WORKERS = 2  # uvicorn workers; the registry and a study's loggers need few
 HOME_ENV = "THIGHMRI_MLFLOW_HOME"
+# MLflow 3's UI opens a fresh browser in its GenAI view; this route opens "Model training"
+UI_EXPERIMENTS = "#/experiments?workflowType=machine_learning"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Set for the server process unless the caller's environment already says otherwise.
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
               f"ready in {time.monotonic() - t0:.1f} s)")
         print(f"  export MLFLOW_TRACKING_URI={info.url}")
         print(f"  from a laptop: ssh -L {info.port}:127.0.0.1:{info.port} <this host>, "
-              f"then open http://127.0.0.1:{info.port}")
+              f"then open http://127.0.0.1:{info.port}/{UI_EXPERIMENTS}")
         return 0
     if args.action == "stop":
         print(f"stopped MLflow server in {home}" if stop(home) else f"no MLflow server running in {home}")

@@ -19,6 +19,7 @@ per-image fitting. On the synthetic phantom every area correlates with the truth
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,22 @@ SPACING_COLUMNS = ("pixel_spacing_row_mm", "pixel_spacing_col_mm")
 # the size model sees no hyperparameter search, so the CNN's selection partition is fair to use
 DEFAULT_FIT_ON = ("train", "val")
 CS = np.logspace(-2, 3, 11)  # inverse L2 strengths tried by the inner cross-validation
+
+
+def _l2_cv_args() -> dict[str, Any]:
+    """LogisticRegressionCV arguments for plain L2 in this scikit-learn, without its warnings:
+    from 1.8 an L2 path is asked for as l1_ratios=(0,) and attributes lose the legacy shape;
+    older releases have neither argument (L2 is their default)."""
+    params = inspect.signature(LogisticRegressionCV).parameters
+    args: dict[str, Any] = {}
+    if "use_legacy_attributes" in params:
+        args["use_legacy_attributes"] = False
+    if isinstance(params["l1_ratios"].default, str):  # the "warn" sentinel: None is deprecated
+        args["l1_ratios"] = (0.0,)
+    return args
+
+
+_L2_CV_ARGS = _l2_cv_args()
 CV_FOLDS = 5
 
 # in-plane 4-connectivity, nothing across slices: each slice is filled / eroded on its own
@@ -152,7 +169,7 @@ def fit_size_baseline(features_train: pd.DataFrame | np.ndarray, y_train: np.nda
         raise ValueError(f"size baseline needs both classes in its training labels, got only {np.unique(y_train)}")
     folds = int(min(CV_FOLDS, np.bincount(y_train).min()))
     head = (LogisticRegressionCV(Cs=CS, cv=folds, scoring="neg_log_loss", max_iter=1000,
-                                 use_legacy_attributes=False) if folds >= 2
+                                 **_L2_CV_ARGS) if folds >= 2
             else LogisticRegression(C=1.0, max_iter=1000))  # a class with one subject: no CV
     model = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), head)
     return model.fit(np.asarray(features_train, dtype=float), y_train)

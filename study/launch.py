@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.results, index=False)
+    # workflowType: MLflow 3's UI otherwise opens a fresh browser in its GenAI view
     print(f"\n{len(df)} cell(s) in {time.time() - t0:.0f} s. MLflow UI: {tracking_uri}/#/experiments/{ids['experiment_id']}"
-          f"/runs/{ids['parent_run_id']}")
+          f"/runs/{ids['parent_run_id']}?workflowType=machine_learning")
     return 0 if (df["status"] == "ok").all() else 1
 
 

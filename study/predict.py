@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +37,15 @@ def load_registered(model_uri: str):
     """The PyTorch model and its metadata (recipe, input size, measure, threshold)."""
     import mlflow
 
-    info = mlflow.models.get_model_info(model_uri)
-    metadata = info.metadata or {}
-    if "recipe" not in metadata:
-        raise ValueError(f"{model_uri} has no preprocessing recipe in its metadata; "
-                         "register a model logged by study/launch.py")
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    # one download into a folder removed afterwards: mlflow's own get_model_info/load_model
+    # would each leave a temp dir behind (tens of MB per call)
+    with tempfile.TemporaryDirectory(prefix="thigh-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        metadata = mlflow.models.Model.load(local).metadata or {}
+        if "recipe" not in metadata:
+            raise ValueError(f"{model_uri} has no preprocessing recipe in its metadata; "
+                             "register a model logged by study/launch.py")
+        model = mlflow.pytorch.load_model(local, map_location="cpu")
     model.eval()
     return model, metadata
 

@@ -103,7 +103,9 @@ def test_runs_are_nested_launch_cell_trial(pipeline):
     assert table.loc["leg_strength", "test_acc"] == pytest.approx(m["test_acc"])
 
 
-def test_promote_registers_champion_and_predict_reads_volunteers(pipeline, capsys):
+def test_promote_registers_champion_and_predict_reads_volunteers(pipeline, capsys, monkeypatch):
+    import tempfile
+
     from mlflow.tracking import MlflowClient
 
     from study.predict import main as predict_main
@@ -116,9 +118,14 @@ def test_promote_registers_champion_and_predict_reads_volunteers(pipeline, capsy
     assert version.tags["selected_by"] == "best_val_acc"
     vol = pipeline["cohort"] / "volunteers"
     out = pipeline["root"] / "pred.csv"
+    scratch = pipeline["root"] / "predict_tmp"  # the process temp dir, as predict sees it
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     rc = predict_main(["--dicom", str(vol / "dicom"), "--labels", str(vol / "tables" / "volunteers.csv"),
                        "--out", str(out), "--tracking-uri", url])
     assert rc == 0
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # torch's cache
+    assert not left, f"predict left its model download behind: {left}"
     pred = pd.read_csv(out)
     assert len(pred) == 8 and pred["p_high"].between(0, 1).all()
     assert set(pred["predicted"]) <= {"high", "low"} and pred["exercise"].notna().all()
