@@ -27,10 +27,12 @@ finished participants. The store is marked complete only at the very end; until 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import hmac
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -58,6 +60,27 @@ from data_prep.verify import verify_store
 
 # Seconds to pause after each participant is journaled: lets tests interrupt a build midway.
 DELAY_ENV = "THIGHMRI_INGEST_DELAY_S"
+SPACE_MARGIN = 64 << 20  # bytes kept free beyond the estimate: metadata, reports, journal
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def space_needed(n_participants: int, recipe: Recipe, workers: int) -> int:
+    """Bytes a build may write: every participant's slices as uint16 before compression (lz4
+    usually stores 85-90% of them), the shards in flight, and a margin."""
+    shard = recipe.n_slices * recipe.size[0] * recipe.size[1] * 2
+    return (n_participants + 2 * workers) * shard + SPACE_MARGIN
+
+
+def check_free_space(out: Path, n_participants: int, recipe: Recipe, workers: int) -> None:
+    """Refuse, before any participant is read, a build that the disk under `out` cannot hold."""
+    need = space_needed(n_participants, recipe, workers)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise StoreError(
+            f"{out}: this build may need {need / 2**30:.2f} GiB ({n_participants} participants "
+            f"x {recipe.n_slices} slices of {recipe.size[0]}x{recipe.size[1]} uint16 before "
+            f"compression) and its disk has {free / 2**30:.2f} GiB free. Free space, build "
+            "elsewhere (--out), or pass --skip-space-check if you know the slices compress well")
 
 
 def build_key(*, spec: CohortSpec, recipe: Recipe, salt: bytes, folder_ids: list[str],
@@ -76,13 +99,15 @@ def build_key(*, spec: CohortSpec, recipe: Recipe, salt: bytes, folder_ids: list
 
 def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Recipe,
           salt: bytes, workers: int = 1, append: bool = False, overwrite: bool = False,
-          resume: bool = True, progress: bool = True) -> dict[str, Any]:
+          resume: bool = True, progress: bool = True, space_check: bool = True
+          ) -> dict[str, Any]:
     """Ingest one cohort into the store at `out`; returns the build summary.
 
     Participants are processed in sorted folder order (in parallel with `workers`
     processes, which also compress the slices) and written in that order by this process
     alone, so the store is identical for any worker count. A rerun after an interruption
-    resumes from the store's journal.
+    resumes from the store's journal. Unless `space_check` is False, a build the disk
+    cannot hold (check_free_space) is refused before any participant is read.
     """
     t0 = time.perf_counter()
     table, table_report = load_cohort_table(spec, tables)
@@ -105,6 +130,8 @@ def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Rec
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     jobs = [(f, spec.description_patterns, recipe, writer.staged_path(len(done) + i))
             for i, f in enumerate(folders[len(done):])]
+    if space_check:
+        check_free_space(out, len(jobs), recipe, workers)
     rows = _table_rows(table)
     results = ordered_results(jobs, workers)
     bar = tqdm(total=len(folders), initial=len(done), desc=f"ingest {spec.name}",
@@ -232,6 +259,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="override the spec's column for a canonical field (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-space-check", action="store_true",
+                   help="start even when the disk has less free space than the slices need "
+                        "uncompressed")
     p.add_argument("--verify", type=Path, metavar="STORE", help="check a store and exit")
     return p
 
@@ -333,9 +363,17 @@ def main(argv: list[str] | None = None) -> int:
         summary = build(dicom=args.dicom, tables=args.tables, spec=spec, out=args.out,
                         recipe=recipe, salt=salt, workers=args.workers, append=args.append,
                         overwrite=args.overwrite, resume=not args.no_resume,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, space_check=not args.skip_space_check)
     except (StoreError, CohortSpecError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        _, done = read_journal(args.out)
+        print(f"error: the disk holding {args.out} is full ({exc.strerror}). {len(done)} "
+              "participant folder(s) of this build are safely in the store's journal: free "
+              "space and rerun the same command to resume from there.", file=sys.stderr)
         return 1
     _print_summary(summary, args.out)
     return 0

@@ -266,6 +266,63 @@ def test_killed_build_resumes_to_the_same_hash(built, cohort, tmp_path, monkeypa
     assert verify_store(out) == [] and not (out / JOURNAL).exists()
 
 
+def test_too_little_disk_space_is_refused_before_any_participant_is_read(cohort, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    recipe = Recipe(n_slices=15, size=(32, 64))
+    n = sum(p.is_dir() for p in (cohort / "oai" / "dicom" / "00m").iterdir())
+    need = build_store.space_needed(n, recipe, workers=1)
+    assert need == (n + 2) * 15 * 32 * 64 * 2 + build_store.SPACE_MARGIN
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=need - 1))  # one byte short
+    from data_prep import ingest_worker
+
+    def must_not_run(*args):
+        raise AssertionError("a participant was read before the space check")
+
+    monkeypatch.setattr(ingest_worker, "process_participant", must_not_run)
+    out = tmp_path / "full.zarr"
+    assert run_build(cohort, out, "oai", "--workers", "1") == 1  # in-process: the patch applies
+    err = capsys.readouterr().err
+    assert f"{n} participants x 15 slices of 32x64" in err and "GiB free" in err
+    assert "--skip-space-check" in err
+    assert not list(out.glob("images/c*"))  # no slice written
+
+
+def test_disk_full_midway_stops_cleanly_and_resumes_to_the_same_hash(built, cohort, tmp_path,
+                                                                     monkeypatch, capsys):
+    import errno
+
+    from data_prep import ingest_worker
+    from data_prep.journal import read_journal
+
+    monkeypatch.setenv("THIGHMRI_SALT", SALT)
+    real_write, calls = ingest_worker.write_shard, []
+
+    def fills_the_disk(images, path):  # the 6th shard hits a full disk halfway through
+        calls.append(path)
+        if len(calls) == 6:
+            Path(path).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(images, path)
+
+    monkeypatch.setattr(ingest_worker, "write_shard", fills_the_disk)
+    out = tmp_path / "full.zarr"
+    assert run_build(cohort, out, "oai", "--workers", "1") == 1  # in-process: the patch applies
+    err = capsys.readouterr().err
+    _, done = read_journal(out)
+    assert 5 <= len(done) < N_SUBJECTS
+    assert f"is full (No space left on device). {len(done)} participant folder(s)" in err
+    assert "rerun the same command" in err and "Traceback" not in err
+    with pytest.raises(StoreError):
+        open_store(out)  # never read as complete
+    monkeypatch.setattr(ingest_worker, "write_shard", real_write)  # space freed
+    assert run_build(cohort, out) == 0
+    assert open_store(out).content_hash == open_store(built).content_hash
+    assert verify_store(out) == []
+
+
 def test_killed_append_keeps_first_cohort_and_resumes(built, cohort, tmp_path, monkeypatch):
     monkeypatch.setenv("THIGHMRI_SALT", SALT)
     reference = tmp_path / "reference.zarr"
