@@ -96,9 +96,6 @@ def run_grid(grid: GridConfig, store, plans: list[CellPlan], *, tracking_uri: st
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
         else:
-            # token auth, Ray's default for a new local instance, asked for by name: the same
-            # cluster, without Ray's notice that it chose the default
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         res = ray.cluster_resources()
         max_conc = concurrency_per_cell(grid, len(plans), res.get("CPU", 1), res.get("GPU", 0))
