@@ -43,6 +43,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -65,9 +66,9 @@ DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def space_needed(n_participants: int, recipe: Recipe, workers: int) -> int:
-    """Bytes a build may write: every participant's slices as uint16 before compression (lz4
-    usually stores 85-90% of them), the shards in flight, and a margin."""
-    shard = recipe.n_slices * recipe.size[0] * recipe.size[1] * 2
+    """Bytes a build may write: every participant's slices in the recipe's dtype before
+    compression (lz4 usually stores 85-90% of them), the shards in flight, and a margin."""
+    shard = recipe.n_slices * recipe.size[0] * recipe.size[1] * np.dtype(recipe.dtype).itemsize
     return (n_participants + 2 * workers) * shard + SPACE_MARGIN
 
 
@@ -78,7 +79,7 @@ def check_free_space(out: Path, n_participants: int, recipe: Recipe, workers: in
     if free < need:
         raise StoreError(
             f"{out}: this build may need {need / 2**30:.2f} GiB ({n_participants} participants "
-            f"x {recipe.n_slices} slices of {recipe.size[0]}x{recipe.size[1]} uint16 before "
+            f"x {recipe.n_slices} slices of {recipe.size[0]}x{recipe.size[1]} {recipe.dtype} before "
             f"compression) and its disk has {free / 2**30:.2f} GiB free. Free space, build "
             "elsewhere (--out), or pass --skip-space-check if you know the slices compress well")
 

@@ -39,6 +39,7 @@ SPACING_COLUMNS = ("pixel_spacing_row_mm", "pixel_spacing_col_mm")
 # the size model sees no hyperparameter search, so the CNN's selection partition is fair to use
 DEFAULT_FIT_ON = ("train", "val")
 CS = np.logspace(-2, 3, 11)  # inverse L2 strengths tried by the inner cross-validation
+CV_FOLDS = 5
 
 
 def _l2_cv_args() -> dict[str, Any]:
@@ -55,7 +56,6 @@ def _l2_cv_args() -> dict[str, Any]:
 
 
 _L2_CV_ARGS = _l2_cv_args()
-CV_FOLDS = 5
 
 # in-plane 4-connectivity, nothing across slices: each slice is filled / eroded on its own
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
