@@ -23,9 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 # Host headers the server answers by default (MLflow's own default also takes every private
 # network address: 10.*, 192.168.*, ...). Any port: `ssh -L 8080:127.0.0.1:5050` sends :8080.
 LOOPBACK_HOSTS = ("127.0.0.1", "127.0.0.1:*", "localhost", "localhost:*")
-BACKEND_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
-# psycopg 3 (a dependency): SQLAlchemy 2.1 picks it for a bare postgresql://, 2.0 picks psycopg2
-POSTGRES_DRIVER = "postgresql+psycopg"
+BACKEND_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
+# psycopg2 (a dependency), the driver MLflow documents; SQLAlchemy 2.1 would pick psycopg 3 for
+# a bare postgresql://, 2.0 psycopg2: naming it gives the same driver under both
+POSTGRES_DRIVER = "postgresql+psycopg2"
 
 # Set for the server unless the caller's environment says otherwise.
 SERVER_ENV_DEFAULTS = {
@@ -66,7 +67,7 @@ def config_file(home: Path) -> Path:
 def check_backend_store_uri(uri: str) -> str:
     """``uri`` if it is a SQLite or PostgreSQL URI without a password; else ValueError.
 
-    A bare ``postgresql://`` comes back as ``postgresql+psycopg://`` (the driver installed).
+    A bare ``postgresql://`` comes back as ``postgresql+psycopg2://`` (the driver installed).
 
     A password in the URI would be on the server's command line, which every local user can
     read (``ps``, ``/proc/<pid>/cmdline``). libpq reads it from ``$PGPASSWORD``, ``~/.pgpass``
@@ -88,6 +89,26 @@ def check_backend_store_uri(uri: str) -> str:
         if parts.scheme == "postgresql":
             return parts._replace(scheme=POSTGRES_DRIVER).geturl()
     return uri
+
+
+def check_database(uri: str, timeout: int = 10) -> None:
+    """Connect once to a PostgreSQL backend, so that a missing password or a server that is down
+    is one clear error now, not minutes of MLflow's connection retries. SQLite: nothing to check.
+
+    Raises:
+        RuntimeError: the connection failed; the message has libpq's reason and where the password goes.
+    """
+    parts = urlsplit(uri)
+    if not parts.scheme.startswith("postgresql"):
+        return
+    import psycopg2
+
+    try:
+        psycopg2.connect(parts._replace(scheme="postgresql").geturl(), connect_timeout=timeout).close()
+    except psycopg2.Error as exc:
+        raise RuntimeError(f"cannot connect to the backend store {uri}: {str(exc).strip()}\n"
+                           "Is PostgreSQL up, and is the password in $PGPASSWORD or in ~/.pgpass "
+                           "(a line host:port:database:user:password, mode 0600; or the file $PGPASSFILE names)?") from exc
 
 
 def resolve(home: Path, *, backend_store_uri: str | None, auth: bool | None,

@@ -185,7 +185,8 @@ def start(home: str | os.PathLike | None = None, port: int | None = None, timeou
     Raises:
         ValueError: a bad backend URI, or settings the home cannot switch to.
         RuntimeError: the port is taken, a server without auth runs where auth was asked for,
-            or the server process exited (message has its log tail).
+            the PostgreSQL backend cannot be reached (no password?), or the server process
+            exited (message has its log tail).
         TimeoutError: ``/health`` did not answer within ``timeout`` (the server is killed).
         PermissionError: the home belongs to another user, or the server refuses the stored
             admin password.
@@ -207,6 +208,7 @@ def start(home: str | os.PathLike | None = None, port: int | None = None, timeou
         elif not _port_free(port):
             raise RuntimeError(f"Port {port} on {HOST} is already in use; pass another port "
                                f"or none (then 5050 if free, else any free port).")
+        config.check_database(settings.backend_store_uri)
         auth.private_dir(home / "artifacts")
         command = _mlflow_command() + [
             "server",
@@ -238,12 +240,8 @@ def _wait_for_new(proc: subprocess.Popen, info: ServerInfo, timeout: float) -> N
     deadline = time.monotonic() + timeout
     while not _healthy(info.url):
         if proc.poll() is not None:
-            hint = ""
-            if urlsplit(info.backend_store_uri).scheme.startswith("postgresql"):
-                hint = ("\nPostgreSQL: is the server up, and is the password in $PGPASSWORD or ~/.pgpass "
-                        "(host:port:database:user:password, mode 0600)?")
             raise RuntimeError(f"MLflow server in {info.home} exited with code {proc.returncode} before "
-                               f"answering /health. Tail of {_log_file(info.home)}:\n{_log_tail(info.home)}{hint}")
+                               f"answering /health. Tail of {_log_file(info.home)}:\n{_log_tail(info.home)}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"MLflow server in {info.home} did not answer {info.url}/health within "
                                f"{timeout:.0f} s. Tail of {_log_file(info.home)}:\n{_log_tail(info.home)}")

@@ -5,47 +5,14 @@ from __future__ import annotations
 import json
 import os
 import stat
-import urllib.error
-import urllib.request
 import uuid
-from base64 import b64encode
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from server_helpers import CLIENT_ENV, assert_anonymous_refused_admin_accepted, rest
 
 from mlflow_server import auth, server
-
-CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", server.HOME_ENV)
-
-
-def rest(url: str, path: str, body: dict | None = None, user: str | None = None, password: str | None = None) -> int:
-    """HTTP status of a REST call (POST with a JSON ``body``, else GET), as any local user could send it."""
-    request = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
-    if user is not None:
-        request.add_header("Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode())
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def assert_anonymous_refused_admin_accepted(info: server.ServerInfo) -> str:
-    """The Done-when check on any --auth server; returns the experiment the admin created."""
-    name = f"auth-{uuid.uuid4().hex[:8]}"
-    create = "/api/2.0/mlflow/experiments/create"
-    creds = auth.read_credentials(info.home)
-    assert rest(info.url, create, {"name": name}) == 401, "an anonymous write was not refused"
-    assert rest(info.url, create, {"name": name}, creds.username, "not-the-password") == 401
-    assert rest(info.url, "/api/2.0/mlflow/experiments/search?max_results=5") == 401  # nor may it read
-    assert rest(info.url, "/api/2.0/mlflow/registered-models/alias", {"name": "thigh-leg_strength", "alias": "champion",
-                                                                      "version": "1"}) == 401
-    assert rest(info.url, create, {"name": name}, creds.username, creds.password) == 200
-    assert rest(info.url, "/health") == 200  # health checks stay open
-    return name
 
 
 def test_auth_server_refuses_anonymous_writes_and_keeps_its_secrets(tmp_path, monkeypatch):
