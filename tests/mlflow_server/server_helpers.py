@@ -39,12 +39,25 @@ CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKIN
 
 @contextmanager
 def as_lab_user(home: Path):
-    """The environment of a lab member whose commands find the server by its home, and nothing else."""
+    """The environment of a lab member whose commands find the server by its home, and nothing else.
+
+    Also restores MLflow's process-wide tracking URI, which promote.py and predict.py set
+    (``mlflow.set_tracking_uri``) and which would otherwise send later tests' ``models:/``
+    look-ups to this server.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = tracking_utils._tracking_uri  # no public getter tells "unset" from the default
     with pytest.MonkeyPatch.context() as mp:
         for key in CLIENT_ENV:
             mp.delenv(key, raising=False)
         mp.setenv(server.HOME_ENV, str(home))
-        yield mp
+        try:
+            yield mp
+        finally:
+            import mlflow
+
+            mlflow.set_tracking_uri(saved)
 
 
 def rest(url: str, path: str, body: dict | None = None, user: str | None = None, password: str | None = None) -> int:

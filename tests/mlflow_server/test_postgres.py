@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from server_helpers import CLIENT_ENV, STUDY_GRID, STUDY_MEASURE, assert_anonymous_refused_admin_accepted
+from server_helpers import STUDY_GRID, STUDY_MEASURE, as_lab_user, assert_anonymous_refused_admin_accepted
 
 from mlflow_server import auth, config, server
 
@@ -81,7 +81,7 @@ def test_pgpass_file_instead_of_pgpassword(tmp_path, postgres, monkeypatch):
 
 
 @pytest.mark.slow
-def test_launch_promote_predict_on_the_lab_server(lab_study, postgres, monkeypatch, capsys):
+def test_launch_promote_predict_on_the_lab_server(lab_study, postgres, capsys):
     """The study's CLIs ran with no URI or password given (only the home): check PostgreSQL has
     it all, then predict the volunteers from the champion the same way."""
     from study.predict import main as predict_main
@@ -97,14 +97,12 @@ def test_launch_promote_predict_on_the_lab_server(lab_study, postgres, monkeypat
     stored = list((lab_study["server"].home / "artifacts").rglob("MLmodel"))
     assert stored, "the model's files must be in the server's artifact store"
 
-    for key in CLIENT_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv(server.HOME_ENV, str(lab_study["server"].home))
     vol = lab_study["cohort"] / "volunteers"
     out = lab_study["root"] / "predictions.csv"
-    rc = predict_main(["--dicom", str(vol / "dicom"), "--labels", str(vol / "tables" / "volunteers.csv"),
-                       "--out", str(out)])
-    assert rc == 0, capsys.readouterr()
-    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "admin"  # found in the home, not given
+    with as_lab_user(lab_study["server"].home):
+        rc = predict_main(["--dicom", str(vol / "dicom"), "--labels", str(vol / "tables" / "volunteers.csv"),
+                           "--out", str(out)])
+        assert rc == 0, capsys.readouterr()
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "admin"  # found in the home, not given
     pred = pd.read_csv(out)
     assert len(pred) == 8 and pred["p_high"].between(0, 1).all()
