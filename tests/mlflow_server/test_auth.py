@@ -34,6 +34,17 @@ def test_auth_server_refuses_anonymous_writes_and_keeps_its_secrets(tmp_path, mo
         assert client.get_experiment_by_name(name) is not None
         run = client.create_run(client.create_experiment(f"authed-{uuid.uuid4().hex[:6]}"))
         client.log_metric(run.info.run_id, "test_acc", 0.75)
+        # a colleague the admin adds may read (default_permission READ) but not write or move @champion
+        admin = auth.read_credentials(home)
+        assert rest(info.url, "/api/2.0/mlflow/users/create", {"username": "colleague", "password": "a-long-password-123"},
+                    admin.username, admin.password) == 200
+        client.create_registered_model("thigh-auth_test")
+        version = client.create_model_version("thigh-auth_test", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+        colleague = ("colleague", "a-long-password-123")
+        assert rest(info.url, f"/api/2.0/mlflow/runs/get?run_id={run.info.run_id}", None, *colleague) == 200
+        assert rest(info.url, "/api/2.0/mlflow/runs/create", {"experiment_id": run.info.experiment_id}, *colleague) == 403
+        assert rest(info.url, "/api/2.0/mlflow/registered-models/alias", {"name": "thigh-auth_test", "alias": "champion",
+                                                                         "version": version.version}, *colleague) == 403
         # private: the home and auth folders 0700, every secret 0600, no password in state files
         for path in (home, home / "auth", home / "artifacts"):
             assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
