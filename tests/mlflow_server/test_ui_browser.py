@@ -97,6 +97,8 @@ def ui_pages(study: dict) -> dict[str, UiPage]:
             route=f"#/models/{model}",
             ready=["text=Version 1", "text=@ champion"],
             expect=[model, "Version 1", "@ candidate", "@ champion", cell.info.run_name]),
+        # The model card goes here: the version's Description section starts collapsed; give this
+        # page a prepare that clicks it open and add the card's headings to expect.
         "model_version": UiPage(
             route=f"#/models/{model}/versions/{study['version'].version}",
             ready=["text=@ champion", _link_to_run(cell)],  # the source run comes in a later request
