@@ -68,7 +68,7 @@ demo-null: venv
 	$(PY) study/launch.py --grid ablations/demo.yaml --set store=$(NULL)/store.zarr --set name=demo_null \
 	    --results runs/demo_null_cells.csv
 
-test: venv
+test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
