@@ -39,11 +39,9 @@ if __package__ in (None, ""):
 import zarr
 from zarr.codecs import BloscCodec
 
-from data_prep import shards
-from data_prep.journal import JOURNAL
-from data_prep.phantom import ThighAnatomy, render_axial_stack
 from data_prep.preprocess import Recipe
-from data_prep.store import StoreWriter, open_store, slice_digests
+from data_prep.store import JOURNAL, StoreWriter, open_store, shards, slice_digests
+from data_prep.synthetic.phantom import ThighAnatomy, render_axial_stack
 
 RECIPE = Recipe(n_slices=15, size=(256, 512))
 

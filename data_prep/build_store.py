@@ -40,24 +40,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: data_prep from this checkout, not data_prep/
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, apply_column_overrides,
-                               builtin_specs, load_spec, participant_folders, select_visit)
-from data_prep.ingest_worker import (ParticipantResult, classify_series_error,  # noqa: F401
+                               builtin_specs, load_cohort_table, load_spec, participant_folders,
+                               select_visit)
+from data_prep.ingest.worker import (ParticipantResult, classify_series_error,  # noqa: F401
                                      ordered_results, process_participant)
-from data_prep.journal import jsonable_rows, read_journal
 from data_prep.preprocess import Recipe
-from data_prep.store import (SaltError, StoreError, ingest_report_path, load_salt, open_store,
-                             pseudonym)
-from data_prep.store_writer import StoreWriter
-from data_prep.tables import load_cohort_table
-from data_prep.verify import verify_store
+from data_prep.pseudonyms import SaltError, load_salt, pseudonym
+from data_prep.store import (StoreError, StoreWriter, ingest_report_path, open_store,
+                             read_journal, verify_store)
+from data_prep.store.journal import jsonable_rows
 
 # Seconds to pause after each participant is journaled: lets tests interrupt a build midway.
 DELAY_ENV = "THIGHMRI_INGEST_DELAY_S"

@@ -62,7 +62,7 @@ def participant_folders(dicom_dir: Path) -> list[Path]:
 def predict_participant(model, metadata: dict, folder: Path) -> dict:
     import torch
 
-    from data_prep.dicom_series import read_thigh_volume
+    from data_prep.dicom import read_thigh_volume
     from data_prep.preprocess import Recipe, apply_recipe
     from study.data import central_slices, to_model_input
 

@@ -1,6 +1,6 @@
 """End to end: synthetic DICOM cohort -> build_store CLI -> Zarr store -> open / verify.
 
-Uses data_prep/synth.py (small matrix) for the cohorts; problems (non-DICOM file, truncated
+Uses data_prep/synthetic (small matrix) for the cohorts; problems (non-DICOM file, truncated
 slice, participant without a table row) are planted on top of its output.
 """
 
@@ -23,7 +23,9 @@ import pydicom
 import pytest
 import zarr
 
-import data_prep.synth as synth
+from data_prep.synthetic.phantom import pixel_spacing
+from data_prep.synthetic.subjects import TABLE_ONLY_OAI
+from data_prep.synthetic import generate_cohort
 from data_prep import build_store
 from data_prep.store import (JOURNAL, REPORT_COLUMNS, StoreError, StoreWriter, ingest_report_path,
                              load_salt, open_store, pseudonym, verify_store)
@@ -37,7 +39,7 @@ SIZE = "32x64"
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    synth.generate_cohort(out, subjects=N_SUBJECTS, seed=0, matrix=(64, 128))
+    generate_cohort(out, subjects=N_SUBJECTS, seed=0, matrix=(64, 128))
     oai = out / "oai" / "dicom" / "00m"
     folders = sorted(p for p in oai.iterdir() if p.is_dir())
     # planted problems: a non-DICOM file (not fatal), a truncated thigh slice (participant
@@ -122,14 +124,14 @@ def test_build_open_round_trip(built, cohort):
     assert re.fullmatch(pid[0] + r"/file#\d+", reasons["not_dicom"]["source"])
     # OAI has table-only participants (tables but no scan), and the dropped one is not one
     table_only = [p for p in store.attrs["ingest_problems"] if p["reason"] == "table_only"]
-    assert len(table_only) == synth.TABLE_ONLY_OAI
+    assert len(table_only) == TABLE_ONLY_OAI
     assert pid[2] not in {p["source"] for p in table_only}
     report = pd.read_csv(ingest_report_path(built))
     assert list(report.columns) == list(REPORT_COLUMNS)
     assert len(report) == len(store.attrs["ingest_problems"])
     assert set(report["reason"]) == {"no_table_row", "truncated", "not_dicom", "table_only"}
     # pixel spacing of the stored images: synthetic FOV 250 x 500 mm -> 32 x 64 pixels
-    fov = synth.pixel_spacing((64, 128))
+    fov = pixel_spacing((64, 128))
     assert np.allclose(s["pixel_spacing_row_mm"], fov[0] * 64 / 32)
     assert np.allclose(s["pixel_spacing_col_mm"], fov[1] * 128 / 64)
     assert store.content_hash.startswith("sha256:")
@@ -276,7 +278,7 @@ def test_too_little_disk_space_is_refused_before_any_participant_is_read(cohort,
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda path: real(path)._replace(free=need - 1))  # one byte short
-    from data_prep import ingest_worker
+    from data_prep.ingest import worker as ingest_worker
 
     def must_not_run(*args):
         raise AssertionError("a participant was read before the space check")
@@ -294,8 +296,8 @@ def test_disk_full_midway_stops_cleanly_and_resumes_to_the_same_hash(built, coho
                                                                      monkeypatch, capsys):
     import errno
 
-    from data_prep import ingest_worker
-    from data_prep.journal import read_journal
+    from data_prep.ingest import worker as ingest_worker
+    from data_prep.store import read_journal
 
     monkeypatch.setenv("THIGHMRI_SALT", SALT)
     real_write, calls = ingest_worker.write_shard, []

@@ -11,10 +11,10 @@ import pytest
 import zarr
 
 from data_prep import build_store
-from data_prep.journal import JournalWriter
 from data_prep.preprocess import Recipe
-from data_prep.shards import (IMAGE_CHUNK_KEYS, IMAGE_CODEC, STAGING, create_image_array,
-                              encode_shard, write_shard)
+from data_prep.store.journal import JournalWriter
+from data_prep.store.shards import (IMAGE_CHUNK_KEYS, IMAGE_CODEC, STAGING, create_image_array,
+                                    encode_shard, write_shard)
 from data_prep.store import (JOURNAL, StoreError, StoreWriter, ingest_report_path, open_store,
                              read_journal, slice_digests, verify_store)
 
@@ -278,7 +278,7 @@ def test_verify_reports_leftover_staging_and_damaged_shard_index(tmp_path):
 
 
 def test_journal_fsyncs_at_most_once_per_interval(tmp_path, monkeypatch):
-    from data_prep import journal
+    from data_prep.store import journal
 
     calls = []
     real = journal.os.fsync

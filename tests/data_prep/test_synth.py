@@ -1,4 +1,4 @@
-"""Tests of data_prep/synth.py, synth_dicom.py and phantom.py: real files in tmp_path."""
+"""Tests of data_prep/synth.py and data_prep/synthetic/: real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from data_prep.phantom import ThighAnatomy, render_axial_stack
-from data_prep.synth import (OAI_400M_CODES, OAI_MISSING, PHI_NAMES, SERIES, anatomy_from_row,
-                             generate_cohort, main, participant_rng, sample_subjects)
+from data_prep.synthetic.phantom import ThighAnatomy, render_axial_stack
+from data_prep.synth import main
+from data_prep.synthetic import generate_cohort, sample_subjects
+from data_prep.synthetic.dicom_writer import PHI_NAMES, SERIES, anatomy_from_row, participant_rng
+from data_prep.synthetic.tables import OAI_400M_CODES, OAI_MISSING
 
 REPO = Path(__file__).resolve().parents[2]
 MATRIX = (128, 256)  # small but fine enough (1.95 mm) for area checks by threshold

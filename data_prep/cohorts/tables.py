@@ -1,10 +1,9 @@
 """Cohort tables: read a cohort's CSV/TSV tables into canonical fields, as its spec says.
 
-    from data_prep.cohorts import load_spec
-    from data_prep.tables import load_cohort_table     # also importable from data_prep.cohorts
+    from data_prep.cohorts import load_cohort_table, load_spec
     table, report = load_cohort_table(load_spec("oai"), "synth/oai/tables")
 
-The spec (data_prep/cohorts.py) names the files, delimiters, encodings, the key and visit
+The spec (data_prep/cohorts/spec.py) names the files, delimiters, encodings, the key and visit
 columns and, per canonical field, the source column(s); this module joins the tables on the
 key, keeps the chosen visit's rows, turns missing codes (blanks, ".A: Not Expected", spec
 `missing_values`, no row in a table) into NaN/None with counts, reads coded cells ("1: Male"),
@@ -24,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.cohorts import (CANONICAL_FIELDS, CATEGORICAL_FIELDS, CohortSpec,
-                               CohortSpecError, field_columns)
+from data_prep.cohorts.spec import (CANONICAL_FIELDS, CATEGORICAL_FIELDS, CohortSpec,
+                                    CohortSpecError, field_columns)
 
 # Same logger name as before the split from cohorts.py, so existing log filters still match.
 log = logging.getLogger("data_prep.cohorts")

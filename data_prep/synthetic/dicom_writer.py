@@ -1,6 +1,6 @@
 """DICOM writer of the synthetic cohorts: headers with PHI, axial T1 series and localizer.
 
-Used by data_prep/synth.py (see there for the CLI). One participant's study holds
+Used by data_prep/synthetic/cohort.py (CLI: data_prep/synth.py). One participant's study holds
     <SeriesNumber of the T1 series, 2..5>/  15 axial slices, SERIES[cohort]["t1"]
     1/                                      3 coronal slices, LOCALIZER (ingest must ignore)
 Files are extensionless random hex names written in random order. Slice order:
@@ -20,7 +20,7 @@ import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from data_prep.phantom import N_SLICES, ThighAnatomy, render_axial_stack, render_localizer
+from data_prep.synthetic.phantom import N_SLICES, ThighAnatomy, render_axial_stack, render_localizer
 
 COHORT_CODE = {"oai": 1, "somma": 2, "volunteers": 3}  # seeds per cohort stay independent
 SLICE_MM = 5.0

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.dicom_series import DicomSeriesError, list_files, scan_tree, select_thigh_series
-from data_prep.dicom_volume import load_volume
+from data_prep.dicom.series import DicomSeriesError, list_files, scan_tree, select_thigh_series
+from data_prep.dicom.volume import load_volume
 from data_prep.preprocess import Recipe, apply_recipe
-from data_prep.shards import write_shard
-from data_prep.store import slice_digests
+from data_prep.store.schema import slice_digests
+from data_prep.store.shards import write_shard
 
 
 @dataclass

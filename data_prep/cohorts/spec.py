@@ -3,8 +3,7 @@
 A spec is a YAML file (data_prep/cohorts/oai.yaml, oai_nda.yaml, somma.yaml, volunteers.yaml);
 write your own for a new cohort or release and pass its path to build_store.py. The keys, the
 missing-code rules and how to map a real release are in data_prep/README.md. Reading a
-cohort's tables with a spec (`load_cohort_table`) is data_prep/tables.py; the name stays
-importable from here.
+cohort's tables with a spec (`load_cohort_table`) is data_prep/cohorts/tables.py.
 
     from data_prep.cohorts import load_spec, select_visit, apply_column_overrides
     spec = select_visit(load_spec("oai"), "24m")                 # folder 24m, prefix V03
@@ -37,7 +36,7 @@ from typing import Any
 
 import yaml
 
-SPEC_DIR = Path(__file__).resolve().parent / "cohorts"
+SPEC_DIR = Path(__file__).resolve().parent  # the built-in specs: data_prep/cohorts/*.yaml
 
 # Canonical measures, their direction ("higher" = a larger raw value is better function)
 # and unit. The single source of truth; the store copies it into its attributes.
@@ -364,13 +363,3 @@ def participant_folders(dicom_root: str | Path, spec: CohortSpec) -> list[Path]:
     for _ in range(int(spec.dicom.get("participant_depth", 1))):
         folders = sorted(c for f in folders for c in f.iterdir() if c.is_dir())
     return folders
-
-
-def __getattr__(name: str) -> Any:
-    # load_cohort_table moved to data_prep.tables, which imports this module: resolved on
-    # first use so that `from data_prep.cohorts import load_cohort_table` keeps working
-    # without an import cycle.
-    if name == "load_cohort_table":
-        from data_prep.tables import load_cohort_table
-        return load_cohort_table
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Ingest stage (filled in step 2)."""
