@@ -13,7 +13,7 @@ beside them (data_prep/README.md explains every key and how to map a real releas
 from data_prep.cohorts.spec import (CANONICAL_FIELDS, CATEGORICAL_FIELDS, MEASURES, SPEC_DIR,
                                     CohortSpec, CohortSpecError, apply_column_overrides,
                                     builtin_specs, field_columns, load_spec, parse_spec,
-                                    participant_folders, select_visit)
+                                    select_visit)
 from data_prep.cohorts.tables import load_cohort_table
 
 __all__ = [

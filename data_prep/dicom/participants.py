@@ -22,9 +22,10 @@ Rules, in order:
   (an anonymised tree whose folders carry the IDs); otherwise it is a `no_patient_id`
   problem.
 - Problem files (not DICOM, truncated, no image, no key; categories of series.REASONS and
-  `no_patient_id`) belong to the participant whose files share their folder, or the nearest
-  folder above it, when exactly one participant's files are there; else to nobody
-  (`ParticipantScan.problems`). They are reported, never read as images.
+  `no_patient_id`) are reported under the participant whose files are in their folder or
+  below it (e.g. `<ID>/notes.txt` beside `<ID>/<date>/<series>/`) when that is exactly one
+  participant; else under nobody (`ParticipantScan.problems`). They are never read as
+  images.
 
 Work is split by folder (`map_fn`, e.g. a process pool's `map`), so large trees are read in
 parallel; a folder whose files all belong to one participant is kept as the folder alone.
@@ -269,7 +270,7 @@ def _file_key(path: str, config: _Config) -> tuple[str | None, tuple[str, str]]:
 
 def _group(root: Path, folders: list[_Folder]) -> ParticipantScan:
     by_key: dict[str, Participant] = {}
-    below: dict[str, set[str]] = {}  # folder -> keys of the files in it and under it
+    below: dict[str, set[str]] = {}  # folder -> keys of the files in it and below it
     n_files = n_outside = 0
     for f in folders:
         n_outside += f.n_outside
@@ -281,8 +282,9 @@ def _group(root: Path, folders: list[_Folder]) -> ParticipantScan:
                 below.setdefault(_ancestor(root, f.rel, depth), set()).update(f.keyed)
     unattributed = []
     for f in folders:
+        keys = below.get(f.path, set())
+        owner = next(iter(keys)) if len(keys) == 1 else None
         for name, category, detail in f.problems:
-            owner = _owner(root, f.rel, below)
             problem = (os.path.join(f.path, name), category, detail)
             (by_key[owner].problems if owner else unattributed).append(problem)
     participants = [by_key[k] for k in sorted(by_key)]
@@ -292,14 +294,4 @@ def _group(root: Path, folders: list[_Folder]) -> ParticipantScan:
 
 def _ancestor(root: Path, rel: tuple[str, ...], depth: int) -> str:
     return os.path.join(root, *rel[:depth])
-
-
-def _owner(root: Path, rel: tuple[str, ...], below: dict[str, set[str]]) -> str | None:
-    """The one participant whose files are in the nearest folder (at or above `rel`) that
-    holds any participant's files; None when that folder holds several or none do."""
-    for depth in range(len(rel), -1, -1):
-        keys = below.get(_ancestor(root, rel, depth))
-        if keys:
-            return next(iter(keys)) if len(keys) == 1 else None
-    return None
 

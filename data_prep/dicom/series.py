@@ -48,9 +48,9 @@ ORIENTATION_ATOL = 1e-3
 MAX_KEPT_FILE_BYTES = 32 * 1024 * 1024
 
 
-# Problem categories (the same words as data_prep/store/schema.py REASONS, so ingest reports count
-# them directly). Series-level rejections in `Selection.rejected` add `localizer` and
-# `description_mismatch`, which are normal (other series of the study), not problems.
+# Problem categories (the same words as data_prep/store/schema.py REASONS, so ingest
+# reports count them directly). Series-level rejections in `Selection.rejected` add
+# `localizer` and `description_mismatch`, which are normal (other series of the study).
 REASONS = {
     "not_dicom": "file is not DICOM",
     "truncated": "file ends early (inside the header or the pixel data)",

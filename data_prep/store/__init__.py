@@ -15,7 +15,7 @@ are importable from here too.
 from data_prep.pseudonyms import SALT_ENV, SaltError, load_salt, pseudonym
 from data_prep.store.journal import JOURNAL, read_journal
 from data_prep.store.reader import ThighStore, open_store
-from data_prep.store.schema import (FLOAT_COLUMNS, INT_COLUMNS, NORM_COLUMNS, REASONS,
+from data_prep.store.schema import (FILE_REASONS, FLOAT_COLUMNS, INT_COLUMNS, NORM_COLUMNS, REASONS,
                                     REPORT_COLUMNS, SCHEMA_VERSION, SPACING_COLUMNS,
                                     STRING_COLUMNS, SUBJECT_COLUMNS, StoreError, content_hash,
                                     ingest_report_path, slice_digests, subjects_frame)
@@ -24,7 +24,7 @@ from data_prep.store.verify import verify_store
 from data_prep.store.writer import StoreWriter, write_ingest_report
 
 __all__ = [
-    "FLOAT_COLUMNS", "IMAGE_CHUNK_KEYS", "IMAGE_CODEC", "INT_COLUMNS", "JOURNAL", "NORM_COLUMNS",
+    "FILE_REASONS", "FLOAT_COLUMNS", "IMAGE_CHUNK_KEYS", "IMAGE_CODEC", "INT_COLUMNS", "JOURNAL", "NORM_COLUMNS",
     "REASONS", "REPORT_COLUMNS", "SALT_ENV", "SCHEMA_VERSION", "SPACING_COLUMNS", "STAGING",
     "STRING_COLUMNS", "SUBJECT_COLUMNS", "SaltError", "StoreError", "StoreWriter", "ThighStore",
     "content_hash", "ingest_report_path", "load_salt", "open_store", "pseudonym", "read_journal",

@@ -46,13 +46,36 @@ INT_COLUMNS = ("slice_start", "slice_count")
 SUBJECT_COLUMNS = (*STRING_COLUMNS, *FLOAT_COLUMNS, *SPACING_COLUMNS, *INT_COLUMNS)
 NORM_COLUMNS = ("intensity_low", "intensity_high")
 HASH_BLOCK = 256  # slices read at a time when hashing images
-# Ingest report: one row per unusable file or participant. `source` is a pseudonym, or
-# "<pseudonym>/file#k" (k-th file in sorted path order under the participant's folder);
-# `skipped` is True when the participant was left out, False for a file-level problem.
+# Ingest report: one row per table row or DICOM participant that did not become a subject,
+# per unusable file, and per note on a choice made. `source` is a participant's pseudonym,
+# "<pseudonym>/file#k" (the k-th of that participant's files in sorted path order),
+# "<dicom root>/file#k" (the k-th of the files no participant could be given), or
+# "<table file>#row<k>" (k-th data row); never a name, ID, UID or file name. `skipped` is
+# True when a table row or participant was left out, False when the participant was kept.
 REPORT_COLUMNS = ("cohort", "source", "reason", "detail", "skipped")
-REASONS = ("not_dicom", "truncated", "no_pixel_data", "undecodable", "inconsistent_geometry",
-           "wrong_orientation", "too_few_slices", "no_thigh_series", "no_table_row",
-           "table_only", "duplicate")
+REASONS: dict[str, str] = {  # category -> meaning (data_prep/README.md "Ingest report")
+    # files (skipped False: the file is not used, its participant may still be)
+    "not_dicom": "file is not DICOM",
+    "truncated": "file ends early (inside the header or the pixel data)",
+    "no_pixel_data": "DICOM without an image (no pixel data, series UID or position)",
+    "undecodable": "pixel data or a header value cannot be decoded",
+    "no_patient_id": "DICOM image without the participant tag (PatientID): no participant",
+    # DICOM participants (skipped True unless noted)
+    "inconsistent_geometry": "slices of the thigh series differ in size, spacing or position",
+    "wrong_orientation": "the thigh series is not axial",
+    "too_few_slices": "the thigh series has fewer slices than the recipe keeps",
+    "no_thigh_series": "no series matches the spec's thigh series description",
+    "several_thigh_series": "note, participant kept: more than one qualifying thigh series; "
+                            "the detail says which was chosen and why",
+    "no_table_row": "DICOM participant whose key has no row in the cohort tables",
+    "duplicate": "already in the store (same cohort and key)",
+    # table rows (skipped True)
+    "no_images": "table row whose key matches no DICOM participant of the visit",
+    "no_key": "table row with a blank key: it cannot be matched to images",
+    "table_only": "no_images, as stores built before 2026-12 call it",
+}
+# Reasons that describe one file rather than a participant or table row.
+FILE_REASONS = ("not_dicom", "truncated", "no_pixel_data", "undecodable", "no_patient_id")
 
 
 class StoreError(RuntimeError):
