@@ -133,13 +133,20 @@ def scan_root(dicom: str | os.PathLike, visit_folder: str | None,
     if (dicom / visit_folder).is_dir():
         return dicom / visit_folder, False
     prune = set(other_visit_folders) - {visit_folder}
-    seen = []
-    for top, dirs, _ in os.walk(dicom, followlinks=True):
-        if visit_folder in dirs:
+    others, queue, seen = set(), [str(dicom)], set()
+    while queue:  # breadth first: a visit folder is usually near the top
+        folder = queue.pop(0)
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop
+            continue
+        seen.add(real)
+        with os.scandir(folder) as it:
+            subs = sorted((e.name, e.path) for e in it if e.is_dir())
+        if any(name == visit_folder for name, _ in subs):
             return dicom, True
-        seen += [d for d in dirs if d in prune]
-        dirs[:] = sorted(d for d in dirs if d not in prune)
-    found = f"; folders of other visits found: {sorted(set(seen))}" if seen else ""
+        others.update(name for name, _ in subs if name in prune)
+        queue += [path for name, path in subs if name not in prune]
+    found = f"; folders of other visits found: {sorted(others)}" if others else ""
     raise DicomTreeError(f"no folder named {visit_folder!r} (the visit's image folder) under "
                          f"{dicom}{found}")
 
@@ -157,7 +164,8 @@ def find_participants(dicom: str | os.PathLike, *, visit_folder: str | None = No
         other_visit_folders: folder names of the other visits (never entered).
         tag: DICOM keyword of the participant key; the cohort table joins on its value.
         participant_depth: for images without the tag, the folder level below the scan
-            root whose name is the key (1: `<visit>/<ID>`, 2: `<visit>/<batch>/<ID>`).
+            root whose name is the key (1: `<visit>/<ID>`, 2: `<visit>/<batch>/<ID>`; the
+            scan root is `<dicom>/<visit>`, or `dicom` when the visit folder lies deeper).
         map_fn: `map`, or a process pool's `map` (ordered) to read folders in parallel.
         workers: processes behind `map_fn`: the tree is split into about
             FOLDERS_PER_WORKER x workers folders.

@@ -53,10 +53,11 @@ def load_volume(series: SeriesInfo, *, stored_values: bool = False
     RescaleSlope/RescaleIntercept are applied per file. With `stored_values`, a series whose
     files share one rescale (the usual case) comes back as its stored integers instead, with
     that rescale in `Geometry.rescale` (no float copy; `apply_recipe(volume, recipe,
-    rescale=geometry.rescale)` gives the float volume's result bit for bit). Raises DicomSeriesError with a `reason` from REASONS when a file is truncated,
-    has no pixel data, cannot be decoded or is not a single greyscale frame, when sizes,
-    pixel spacing or orientation differ between files, when two slices share a position,
-    or when slice spacing is uneven.
+    rescale=geometry.rescale)` gives the float volume's result bit for bit). Raises
+    DicomSeriesError with a `reason` from REASONS when a file is truncated, has no pixel
+    data, cannot be decoded or is not a single greyscale frame, when sizes, pixel spacing or
+    orientation differ between files, when two slices share a position, or when slice
+    spacing is uneven.
     """
     if not series.files:
         raise DicomSeriesError("series has no files", "no_pixel_data")

@@ -36,7 +36,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from data_prep.cohorts import MEASURES, CohortSpec, load_cohort_table
-from data_prep.dicom.participants import Participant, find_participants
+from data_prep.dicom.participants import Participant, ParticipantScan, find_participants
 from data_prep.ingest.report import account, warning
 from data_prep.ingest.worker import Job, ParticipantResult, ordered_results, worker_pool
 from data_prep.preprocess import Recipe
@@ -63,8 +63,8 @@ def check_free_space(out: Path, n_participants: int, recipe: Recipe, workers: in
     if free < need:
         raise StoreError(
             f"{out}: this build may need {need / 2**30:.2f} GiB ({n_participants} participants "
-            f"x {recipe.n_slices} slices of {recipe.size[0]}x{recipe.size[1]} {recipe.dtype} before "
-            f"compression) and its disk has {free / 2**30:.2f} GiB free. Free space, build "
+            f"x {recipe.n_slices} slices of {recipe.size[0]}x{recipe.size[1]} {recipe.dtype} "
+            f"before compression) and its disk has {free / 2**30:.2f} GiB free. Free space, build "
             "elsewhere (--out), or pass --skip-space-check if you know the slices compress well")
 
 
@@ -114,7 +114,8 @@ def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Rec
     return summary
 
 
-def _ingest(found, table: pd.DataFrame, table_report: dict, *, spec: CohortSpec, out: Path,
+def _ingest(found: ParticipantScan, table: pd.DataFrame, table_report: dict, *,
+            spec: CohortSpec, out: Path,
             recipe: Recipe, salt: bytes, pool, workers: int, append: bool, overwrite: bool,
             resume: bool, progress: bool, space_check: bool,
             max_rows_without_images: float) -> dict[str, Any]:
@@ -126,17 +127,8 @@ def _ingest(found, table: pd.DataFrame, table_report: dict, *, spec: CohortSpec,
     writer = StoreWriter.start(out, recipe, build_key=key, append=append, overwrite=overwrite,
                                resume=resume)
     problems = _tree_problems(found, table_report)
-    journaled = {e.get("participant") for e in writer.entries}  # resumed: not duplicates
-    todo = []
-    for p in participants:
-        if p.key not in table.index:
-            problems.append(_line(pid[p.key], "no_table_row", "no row with this key in the "
-                                  "cohort tables: not read"))
-        elif writer.has_subject(pid[p.key]) and pid[p.key] not in journaled:
-            problems.append(_line(pid[p.key], "duplicate", "already in the store (same "
-                                  "cohort and key): not read"))
-        else:
-            todo.append(p)
+    todo, skipped = _plan(participants, table, pid, writer)
+    problems += skipped
     done = writer.entries
     if [e.get("participant") for e in done] != [pid[p.key] for p in todo[:len(done)]]:
         raise StoreError(f"{out}: the build journal does not match the participants found; "
@@ -207,11 +199,28 @@ def _ingest(found, table: pd.DataFrame, table_report: dict, *, spec: CohortSpec,
     return summary
 
 
+def _plan(participants: list[Participant], table: pd.DataFrame, pid: dict[str, str],
+          writer: StoreWriter) -> tuple[list[Participant], list[dict[str, Any]]]:
+    """(participants to read, in key order; report lines of those left out unread)."""
+    journaled = {e.get("participant") for e in writer.entries}  # resumed: not duplicates
+    todo, skipped = [], []
+    for p in participants:
+        if p.key not in table.index:
+            skipped.append(_line(pid[p.key], "no_table_row", "no row with this key in the "
+                                 "cohort tables: not read"))
+        elif writer.has_subject(pid[p.key]) and pid[p.key] not in journaled:
+            skipped.append(_line(pid[p.key], "duplicate", "already in the store (same "
+                                 "cohort and key): not read"))
+        else:
+            todo.append(p)
+    return todo, skipped
+
+
 def _line(source: str, reason: str, detail: str, skipped: bool = True) -> dict[str, Any]:
     return {"source": source, "reason": reason, "detail": detail, "skipped": skipped}
 
 
-def _tree_problems(found, table_report: dict) -> list[dict[str, Any]]:
+def _tree_problems(found: ParticipantScan, table_report: dict) -> list[dict[str, Any]]:
     """Report lines for the problem files no participant could be given and the table
     rows with a blank key (no pseudonym exists for either)."""
     lines = [_line(f"<dicom root>/file#{i}", reason, detail, skipped=False)

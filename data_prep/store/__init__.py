@@ -24,8 +24,8 @@ from data_prep.store.verify import verify_store
 from data_prep.store.writer import StoreWriter, write_ingest_report
 
 __all__ = [
-    "FILE_REASONS", "FLOAT_COLUMNS", "IMAGE_CHUNK_KEYS", "IMAGE_CODEC", "INT_COLUMNS", "JOURNAL", "NORM_COLUMNS",
-    "REASONS", "REPORT_COLUMNS", "SALT_ENV", "SCHEMA_VERSION", "SPACING_COLUMNS", "STAGING",
+    "FILE_REASONS", "FLOAT_COLUMNS", "IMAGE_CHUNK_KEYS", "IMAGE_CODEC", "INT_COLUMNS", "JOURNAL",
+    "NORM_COLUMNS", "REASONS", "REPORT_COLUMNS", "SALT_ENV", "SCHEMA_VERSION", "SPACING_COLUMNS", "STAGING",
     "STRING_COLUMNS", "SUBJECT_COLUMNS", "SaltError", "StoreError", "StoreWriter", "ThighStore",
     "content_hash", "ingest_report_path", "load_salt", "open_store", "pseudonym", "read_journal",
     "slice_digests", "subjects_frame", "verify_store", "write_ingest_report",
