@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/store_write.py [--participants 200] [--out /tmp/bench_store]
 
-Synthetic participants: 15 x 256x512 uint16 slices (phantom thighs, data_prep/phantom.py,
-scaled to 0..65535 like the recipe). For each participant the worker's share is done first
-(untimed for the builder: compress, and for the new path write the shard into staging),
-then the builder's share is timed, as build_store.build runs it:
+Synthetic participants: 15 x 256x512 uint16 slices (phantom thighs,
+data_prep/synthetic/phantom.py, scaled to 0..65535 like the recipe). For each participant the
+worker's share is done first (untimed for the builder: compress, and for the new path write
+the shard into staging),
+then the builder's share is timed, as data_prep.ingest.build runs it:
 - old: what StoreWriter.add did before sharding (commit fcba9b3, `encoded=`): unpickle the
   worker's result (15 compressed chunks + digests), one zarr `resize` per participant, 15
   chunk files `c.<slice>.0.0`, journal line + fsync. Re-implemented here (the code is gone),
