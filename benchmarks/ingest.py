@@ -15,7 +15,8 @@ With --baseline REPO (a checkout of other code, e.g. a `git worktree` of an olde
 REPO's own generator writes the same cohort in REPO's layout (same seed: same images and
 tables) and each round also runs REPO's build on it (REPO's own benchmarks/ingest.py
 --child-build), right after this code's: `ratio_vs_baseline_paired` is the median of the
-rounds' own ratios. Files are read once before timing so every side sees a warm page cache.
+rounds' own ratios; the two builds swap places every other round, and each is preceded by
+an untimed read of its cohort's thigh files, so both find a warm page cache.
 With --repeat K the rounds alternate K times and medians are reported (a shared machine is
 noisy). Prints a table and writes <out>/results.json. Results and the command line go into
 benchmarks/README.md.
@@ -67,6 +68,14 @@ def read_decode(files: list[Path]) -> int:
         pixels = pydicom.dcmread(f).pixel_array
         n += pixels.shape[0] > 0
     return n
+
+
+def warm(groups: list[list[Path]]) -> None:
+    """Read every file once (untimed), so the build that follows finds them in the page
+    cache whatever ran before it."""
+    for group in groups:
+        for f in group:
+            f.read_bytes()
 
 
 def raw_rate(groups: list[list[Path]], workers: int) -> float:
@@ -139,16 +148,19 @@ def run_one(n: int, workers: int, out: Path, repeat: int = 1,
     groups = thigh_files(cohort / "oai" / "dicom" / "00m")
     n_slices = sum(len(g) for g in groups)
     size_gb = sum(f.stat().st_size for g in groups for f in g) / 1e9
-    if baseline is not None:
-        thigh_files(base_cohort / "oai" / "dicom" / "00m")  # warm its page cache too
+    base_groups = thigh_files(base_cohort / "oai" / "dicom" / "00m") if baseline else []
     store = out / f"store_{n}.zarr"
     raws_1, raws_w, builds, base = [], [], [], []
-    for _ in range(repeat):  # alternate, so a burst of load elsewhere hits every side
+    for i in range(repeat):  # alternate, so a burst of load elsewhere hits every side
         raws_1.append(raw_rate(groups, 1))
         raws_w.append(raw_rate(groups, workers) if workers > 1 else raws_1[-1])
-        builds.append(timed_build(REPO, cohort, store, workers))
+        sides = [(groups, lambda: builds.append(timed_build(REPO, cohort, store, workers)))]
         if baseline is not None:
-            base.append(timed_build(baseline, base_cohort, out / f"baseline_{n}.zarr", workers))
+            sides.append((base_groups, lambda: base.append(timed_build(
+                baseline, base_cohort, out / f"baseline_{n}.zarr", workers))))
+        for files, run in sides[::-1] if i % 2 else sides:  # each side first every other round
+            warm(files)
+            run()
     raw_1, raw_w = statistics.median(raws_1), statistics.median(raws_w)
     rates = [b["slices"] / b["seconds"] for b in builds]
     build_rate = statistics.median(rates)
