@@ -112,7 +112,8 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     where = f"the folder {s['visit_folder']!r}" if s["visit_folder"] else "--dicom"
     outside = (f"; {s['n_files_outside_visit']} files outside {where} not read"
                if s["n_files_outside_visit"] else "")
-    print(f"this build ({s['spec']}, visit {s['visit']}): {s['n_ingested']} participants "
+    visit = f", visit {s['visit']}" if s["visit"] else ""
+    print(f"this build ({s['spec']}{visit}): {s['n_ingested']} participants "
           f"ingested, {s['n_slices']} slices; {s['n_dicom_participants']} participants found "
           f"by {s['participant_tag']} in {s['n_dicom_files']} files under {where}{outside}")
     for measure, columns in s["measures_absent"].items():
