@@ -81,7 +81,8 @@ def test_layout_and_counts(cohort, truth):
     assert manifest["oai_split_over_two_batches"] == 1
     oai = truth[(truth["cohort"] == "oai") & truth["has_images"]]
     (split,) = oai.index[oai["dicom_dir"] != oai["localizer_dir"]]
-    assert oai.loc[split, "localizer_dir"].startswith(f"oai/dicom/00m/0.E.1/{oai.loc[split, 'id']}/")
+    split_id = oai.loc[split, "id"]
+    assert oai.loc[split, "localizer_dir"].startswith(f"oai/dicom/00m/0.E.1/{split_id}/")
     for _, row in oai.iterrows():
         study = cohort / row["dicom_dir"]
         assert study.parent.name == row["id"] and study.parent.parent.name == row["batch"]
