@@ -63,7 +63,7 @@ def participants(n: int, distinct: int = 8, seed: int = 0) -> list[np.ndarray]:
 
 def entry(i: int) -> tuple[dict, dict]:
     pid = f"{i:016x}"
-    return ({"folder": pid, "keys": [pid], "problems": [],
+    return ({"participant": pid, "problems": [],
              "row": {"subject_id": pid, "cohort": "oai", "sex": "female", "age": 60.0,
                      "pixel_spacing_row_mm": 0.98, "pixel_spacing_col_mm": 0.98}},
             {"intensity_low": 1.0, "intensity_high": 2.0})

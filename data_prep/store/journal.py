@@ -6,7 +6,7 @@
 `<store>/build_journal.jsonl` (JOURNAL) exists only while a build or append is unfinished.
 Line 1 is a header: the build key, whether it appends, the cohort, the recipe and `base` (for
 an append, the store's previous subjects, normalisation, slice digests and attributes; empty
-for a new store). Each later line is one participant folder, appended after that
+for a new store). Each later line is one participant read, appended after that
 participant's slices are in place. StoreWriter (writer.py) writes it and replays it
 to resume; `finish()` deletes it; verify_store reports a leftover one. Pseudonyms only, no PHI.
 

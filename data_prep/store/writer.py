@@ -41,7 +41,7 @@ class StoreWriter:
     append to a complete one, or resumes an interrupted build of the same `build_key` (a
     fingerprint of cohort, recipe, inputs and salt chosen by the caller). Progress lives in
     the journal `<store>/build_journal.jsonl`: a header line (the build key and, for an
-    append, the store's previous table and attributes) and one line per participant folder,
+    append, the store's previous table and attributes) and one line per participant read,
     written after that participant's image file is in place. Image files are the only data
     written before `finish()`; the slice index arrays, tables and attributes are rewritten
     from the journal by `finish()`, so a kill at any point (even inside finish) leaves a store
@@ -168,10 +168,10 @@ class StoreWriter:
     def add(self, entry: dict[str, Any], images: np.ndarray | None = None,
             stats: dict[str, Any] | None = None, digests: list[str] | None = None,
             staged: str | os.PathLike | None = None) -> None:
-        """Record one participant folder: its slices (if ingested), then its journal line.
+        """Record one participant: its slices (if ingested), then its journal line.
 
         Args:
-            entry: JSON-able, pseudonyms only: `folder` (folder pseudonym), `problems`, and
+            entry: JSON-able, pseudonyms only: `participant` (pseudonym), `problems`, and
                 for an ingested participant `row` (subject_id, cohort, canonical fields,
                 pixel spacing).
             images: uint16 (n_slices, rows, cols) for an ingested participant, else None.

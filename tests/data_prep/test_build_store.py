@@ -373,7 +373,7 @@ def test_incomplete_store_refused(tmp_path):
     path = tmp_path / "partial.zarr"
     recipe = Recipe(n_slices=2, size=(4, 8))
     writer = StoreWriter.start(path, recipe, build_key="oai:x")
-    writer.add({"folder": "f" * 16, "keys": [], "problems": [],
+    writer.add({"participant": "f" * 16, "problems": [],
                 "row": {"subject_id": "0" * 16, "cohort": "oai", "sex": "male"}},
                np.ones((2, 4, 8), np.uint16), {"intensity_low": 0, "intensity_high": 1})
     # the writer "crashed": finish() was never called
