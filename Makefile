@@ -33,17 +33,19 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq "$${need[@]}" >/dev/null; \
 	fi
 
-# The synthetic cohort: real DICOM (OAI-, SOMMA-like and 8 volunteers) + tables in real conventions.
+# The synthetic cohort: real DICOM (OAI-, SOMMA-like and 8 volunteers) + tables in real conventions;
+# OAI in its release's tree (00m/<batch>/<ID>/<date>/<series>/<image>, one participant over two batches).
 demo-data: venv
 	test -f $(DEMO)/cohort/manifest.json || $(PY) data_prep/synth.py --out $(DEMO)/cohort --subjects $(DEMO_SUBJECTS) --seed $(DEMO_SEED)
 
-# The pseudonym salt lives beside, never inside, the store.
+# The pseudonym salt lives beside, never inside, the store. Participants are found by PatientID at any
+# depth; the OAI tables hold 3 planted participants without images (2%): allowed, else a WARNING ends the build.
 demo-store: demo-data
 	mkdir -p $(DEMO)
 	test -s $(DEMO)/pseudonym_salt || $(PY) -c "import secrets; print(secrets.token_hex(32))" > $(DEMO)/pseudonym_salt
 	rm -rf $(DEMO)/store.zarr
 	$(PY) data_prep/build_store.py --dicom $(DEMO)/cohort/oai/dicom --tables $(DEMO)/cohort/oai/tables \
-	    --cohort oai --out $(DEMO)/store.zarr --size 128x256 --salt-file $(DEMO)/pseudonym_salt
+	    --cohort oai --out $(DEMO)/store.zarr --size 128x256 --salt-file $(DEMO)/pseudonym_salt --max-rows-without-images 0.05
 	$(PY) data_prep/build_store.py --dicom $(DEMO)/cohort/somma/dicom --tables $(DEMO)/cohort/somma/tables \
 	    --cohort somma --out $(DEMO)/store.zarr --size 128x256 --salt-file $(DEMO)/pseudonym_salt --append
 
@@ -64,7 +66,8 @@ demo-null: venv
 	test -f $(NULL)/cohort/manifest.json || $(PY) data_prep/synth.py --out $(NULL)/cohort --subjects $(DEMO_SUBJECTS) --seed $(DEMO_SEED) --null
 	test -s $(NULL)/pseudonym_salt || $(PY) -c "import secrets; print(secrets.token_hex(32))" > $(NULL)/pseudonym_salt
 	test -f $(NULL)/store.zarr/zarr.json || $(PY) data_prep/build_store.py --dicom $(NULL)/cohort/oai/dicom \
-	    --tables $(NULL)/cohort/oai/tables --cohort oai --out $(NULL)/store.zarr --size 128x256 --salt-file $(NULL)/pseudonym_salt
+	    --tables $(NULL)/cohort/oai/tables --cohort oai --out $(NULL)/store.zarr --size 128x256 --salt-file $(NULL)/pseudonym_salt \
+	    --max-rows-without-images 0.05
 	$(PY) study/launch.py --grid ablations/demo.yaml --set store=$(NULL)/store.zarr --set name=demo_null \
 	    --results runs/demo_null_cells.csv
 

@@ -52,7 +52,7 @@ class BenchStore:
 def write_store(path: Path, *, subjects: int, slices: int, matrix: tuple[int, int], seed: int) -> BenchStore:
     import zarr
 
-    from data_prep.phantom import ThighAnatomy, render_axial_stack
+    from data_prep.synthetic.phantom import ThighAnatomy, render_axial_stack
     from data_prep.preprocess import Recipe, apply_recipe
 
     rng = np.random.default_rng(seed)

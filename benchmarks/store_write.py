@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/store_write.py [--participants 200] [--out /tmp/bench_store]
 
-Synthetic participants: 15 x 256x512 uint16 slices (phantom thighs, data_prep/phantom.py,
-scaled to 0..65535 like the recipe). For each participant the worker's share is done first
-(untimed for the builder: compress, and for the new path write the shard into staging),
-then the builder's share is timed, as build_store.build runs it:
+Synthetic participants: 15 x 256x512 uint16 slices (phantom thighs,
+data_prep/synthetic/phantom.py, scaled to 0..65535 like the recipe). For each participant the
+worker's share is done first (untimed for the builder: compress, and for the new path write
+the shard into staging),
+then the builder's share is timed, as data_prep.ingest.build runs it:
 - old: what StoreWriter.add did before sharding (commit fcba9b3, `encoded=`): unpickle the
   worker's result (15 compressed chunks + digests), one zarr `resize` per participant, 15
   chunk files `c.<slice>.0.0`, journal line + fsync. Re-implemented here (the code is gone),
@@ -39,11 +40,9 @@ if __package__ in (None, ""):
 import zarr
 from zarr.codecs import BloscCodec
 
-from data_prep import shards
-from data_prep.journal import JOURNAL
-from data_prep.phantom import ThighAnatomy, render_axial_stack
 from data_prep.preprocess import Recipe
-from data_prep.store import StoreWriter, open_store, slice_digests
+from data_prep.store import JOURNAL, StoreWriter, open_store, shards, slice_digests
+from data_prep.synthetic.phantom import ThighAnatomy, render_axial_stack
 
 RECIPE = Recipe(n_slices=15, size=(256, 512))
 
@@ -64,7 +63,7 @@ def participants(n: int, distinct: int = 8, seed: int = 0) -> list[np.ndarray]:
 
 def entry(i: int) -> tuple[dict, dict]:
     pid = f"{i:016x}"
-    return ({"folder": pid, "keys": [pid], "problems": [],
+    return ({"participant": pid, "problems": [],
              "row": {"subject_id": pid, "cohort": "oai", "sex": "female", "age": 60.0,
                      "pixel_spacing_row_mm": 0.98, "pixel_spacing_col_mm": 0.98}},
             {"intensity_low": 1.0, "intensity_high": 2.0})

@@ -7,225 +7,46 @@
         --cohort somma --out data/demo.zarr --size 128x256 --append
     python data_prep/build_store.py --verify data/demo.zarr
 
-Each folder under the DICOM root's visit folder (`--visit`, default the spec's own visit;
-e.g. `00m`), one level deep or `dicom.participant_depth` deep (batch folders), is one
-participant (cohorts.participant_folders). Every unusable file or participant (reasons:
-store.REASONS) is listed in the store's `ingest_problems` and in
-`<store>.ingest_report.csv`, and the build goes on. Nothing printed names a participant by
-anything but its pseudonym.
+Participants are found by header, not by folder: every file under the visit's folder
+(`--visit`, default the spec's own, e.g. `00m`), at any depth and in any folders (OAI's
+`<visit>/<batch>/<ID>/<date>/<series>/<image>`, `<ID>/<visit>/<series>/...`), is grouped by
+its PatientID (data_prep/dicom/participants.py), so a participant split over two batch
+folders is one participant. Every table row and every DICOM participant that does not become
+a subject, and every unusable file, is listed with a category (store/schema.py REASONS) in
+the store's `ingest_problems` and in `<store>.ingest_report.csv`; the build goes on, prints
+the counts per category, and ends with a WARNING when more than --max-rows-without-images of
+the table rows found no images. Nothing printed names a participant by anything but its
+pseudonym.
 
-Participants are read, preprocessed, hashed and their slices compressed in parallel
-(`--workers` processes, at most 2 x workers in flight; data_prep/ingest_worker.py); each
-worker writes a participant's whole shard file (data_prep/shards.py) into the store's
-staging folder, and this process alone assigns offsets in sorted folder order, renames the shard into place and writes the
-journal: the store and its content hash are the same for any worker count. Interrupted
-(killed, crashed)? Rerun the same command: it resumes from the store's journal and skips
-finished participants. The store is marked complete only at the very end; until then
-`open_store` refuses it.
+This file is the command line; the build is data_prep/ingest/ (builder.py: steps, in
+parallel over `--workers` processes, resumable: rerun the same command after a kill or a
+full disk). The store is marked complete only at the very end; until then `open_store`
+refuses it.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
-import hmac
-import json
 import os
-import shutil
 import sys
-import time
-from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: data_prep from this checkout, not data_prep/
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
-import numpy as np
-import pandas as pd
-from tqdm import tqdm
-
-from data_prep.cohorts import (MEASURES, CohortSpec, CohortSpecError, apply_column_overrides,
-                               builtin_specs, load_spec, participant_folders, select_visit)
-from data_prep.ingest_worker import (ParticipantResult, classify_series_error,  # noqa: F401
-                                     ordered_results, process_participant)
-from data_prep.journal import jsonable_rows, read_journal
+from data_prep.cohorts import (CohortSpecError, apply_column_overrides, builtin_specs,
+                               load_spec, select_visit)
+from data_prep.dicom.participants import DicomTreeError, participant_tag, scan_root
+from data_prep.ingest import build, summary_lines
 from data_prep.preprocess import Recipe
-from data_prep.store import (SaltError, StoreError, ingest_report_path, load_salt, open_store,
-                             pseudonym)
-from data_prep.store_writer import StoreWriter
-from data_prep.tables import load_cohort_table
-from data_prep.verify import verify_store
+from data_prep.pseudonyms import SaltError, load_salt
+from data_prep.store import StoreError, open_store, read_journal, verify_store
 
-# Seconds to pause after each participant is journaled: lets tests interrupt a build midway.
-DELAY_ENV = "THIGHMRI_INGEST_DELAY_S"
-SPACE_MARGIN = 64 << 20  # bytes kept free beyond the estimate: metadata, reports, journal
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-
-
-def space_needed(n_participants: int, recipe: Recipe, workers: int) -> int:
-    """Bytes a build may write: every participant's slices in the recipe's dtype before
-    compression (lz4 usually stores 85-90% of them), the shards in flight, and a margin."""
-    shard = recipe.n_slices * recipe.size[0] * recipe.size[1] * np.dtype(recipe.dtype).itemsize
-    return (n_participants + 2 * workers) * shard + SPACE_MARGIN
-
-
-def check_free_space(out: Path, n_participants: int, recipe: Recipe, workers: int) -> None:
-    """Refuse, before any participant is read, a build that the disk under `out` cannot hold."""
-    need = space_needed(n_participants, recipe, workers)
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise StoreError(
-            f"{out}: this build may need {need / 2**30:.2f} GiB ({n_participants} participants "
-            f"x {recipe.n_slices} slices of {recipe.size[0]}x{recipe.size[1]} {recipe.dtype} before "
-            f"compression) and its disk has {free / 2**30:.2f} GiB free. Free space, build "
-            "elsewhere (--out), or pass --skip-space-check if you know the slices compress well")
-
-
-def build_key(*, spec: CohortSpec, recipe: Recipe, salt: bytes, folder_ids: list[str],
-              table: pd.DataFrame) -> str:
-    """Fingerprint of one build's inputs: a rerun resumes only when it is unchanged.
-
-    "<cohort>:<hmac>" over recipe, DICOM conventions, the participant folders (as
-    pseudonyms) and the canonical table; keyed with the salt so it reveals nothing.
-    """
-    h = hmac.new(salt, digestmod=hashlib.sha256)
-    h.update(json.dumps({"recipe": recipe.to_dict(), "dicom": spec.dicom, "spec": spec.source,
-                         "folders": folder_ids}, sort_keys=True, default=str).encode())
-    h.update(table.sort_index().to_csv().encode())
-    return f"{spec.name}:{h.hexdigest()[:32]}"
-
-
-def build(*, dicom: Path, tables: Path, spec: CohortSpec, out: Path, recipe: Recipe,
-          salt: bytes, workers: int = 1, append: bool = False, overwrite: bool = False,
-          resume: bool = True, progress: bool = True, space_check: bool = True
-          ) -> dict[str, Any]:
-    """Ingest one cohort into the store at `out`; returns the build summary.
-
-    Participants are processed in sorted folder order (in parallel with `workers`
-    processes, which also compress the slices) and written in that order by this process
-    alone, so the store is identical for any worker count. A rerun after an interruption
-    resumes from the store's journal. Unless `space_check` is False, a build the disk
-    cannot hold (check_free_space) is refused before any participant is read.
-    """
-    t0 = time.perf_counter()
-    table, table_report = load_cohort_table(spec, tables)
-    root = dicom / spec.visit_folder if spec.visit_folder else dicom
-    folders = participant_folders(dicom, spec)
-    folder_ids = [pseudonym(salt, spec.name, f.name) for f in folders]
-    stray = sorted(p for p in root.iterdir() if p.is_file())
-    problems: list[dict[str, Any]] = [
-        {"source": f"<dicom root>/file#{i}", "reason": "not_dicom",
-         "detail": "file outside participant folders", "skipped": False}
-        for i, _ in enumerate(stray)]
-
-    key = build_key(spec=spec, recipe=recipe, salt=salt, folder_ids=folder_ids, table=table)
-    writer = StoreWriter.start(out, recipe, build_key=key, append=append, overwrite=overwrite,
-                               resume=resume)
-    done = writer.entries
-    if [e["folder"] for e in done] != folder_ids[:len(done)]:
-        raise StoreError(f"{out}: the build journal does not match the participant folders; "
-                         "pass --overwrite (or --no-resume) to start again")
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    jobs = [(f, spec.description_patterns, recipe, writer.staged_path(len(done) + i))
-            for i, f in enumerate(folders[len(done):])]
-    if space_check:
-        check_free_space(out, len(jobs), recipe, workers)
-    rows = _table_rows(table)
-    results = ordered_results(jobs, workers)
-    bar = tqdm(total=len(folders), initial=len(done), desc=f"ingest {spec.name}",
-               unit="participant", file=sys.stderr, disable=not progress)
-    try:
-        for res in results:
-            entry = _entry(res, salt, spec, rows, writer)
-            ingest = bool(entry.get("row"))
-            writer.add(entry, res.images if ingest else None, res.stats, res.digests,
-                       staged=res.staged if ingest else None)
-            bar.update(1)
-            if delay:
-                time.sleep(delay)
-    finally:
-        bar.close()
-        results.close()  # shuts the pool down when the loop is left early
-
-    for e in writer.entries:
-        problems += e["problems"]
-    seen = {k for e in writer.entries for k in e["keys"]}
-    for k in sorted(table.index):
-        pid = pseudonym(salt, spec.name, k)
-        if pid not in seen:
-            problems.append({"source": pid, "reason": "table_only",
-                             "detail": "table row without a DICOM folder", "skipped": True})
-    ingested = [e["row"] for e in writer.entries if e.get("row")]
-    fields = ("sex", "age", "bmi", *MEASURES, "exercise")
-    summary = {
-        "spec": spec.source, "visit": spec.visit, "visit_folder": spec.visit_folder,
-        "series_description": spec.description_patterns,
-        "n_table_rows": int(len(table)), "n_participant_folders": len(folders),
-        "n_ingested": len(ingested), "n_slices": len(ingested) * recipe.n_slices,
-        "n_table_rows_without_images": int(len(table)) - len(ingested),
-        "measures_non_missing": {m: sum(r.get(m) is not None and r.get(m) == r.get(m)
-                                        for r in ingested) for m in fields},
-        "table_report": table_report,
-    }
-    provenance = {
-        "tool": "data_prep/build_store.py", "cohort": spec.name, "spec": spec.source,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": _code_version(),
-    }
-    n_resumed = writer.n_resumed
-    digest = writer.finish(cohort=spec.name, cohort_summary=summary, ingest_problems=problems,
-                           provenance=provenance)
-    summary.update(content_hash=digest, seconds=round(time.perf_counter() - t0, 2),
-                   problems_by_reason=dict(Counter(p["reason"] for p in problems)),
-                   n_resumed=n_resumed, n_processed=len(jobs),
-                   store_subjects=len(writer.rows), store_slices=writer.n_slices,
-                   ingest_report=str(ingest_report_path(out)))
-    return summary
-
-
-def _entry(res: ParticipantResult, salt: bytes, spec: CohortSpec, table: dict[str, dict],
-           writer: StoreWriter) -> dict[str, Any]:
-    """The journal entry (pseudonyms only) for one participant's result; `table` maps each
-    table key to its row as JSON-able values (`_table_rows`)."""
-    folder_pid = pseudonym(salt, spec.name, res.folder)
-    key = res.key if res.key is not None else res.folder
-    pid = pseudonym(salt, spec.name, key)
-    keys = sorted({pseudonym(salt, spec.name, k) for k in (*res.keys_seen, res.folder)})
-    problems = [{"source": pid if p["file"] is None else f"{pid}/file#{p['file']}",
-                 "reason": p["reason"], "detail": p["detail"], "skipped": p["fatal"]}
-                for p in res.problems]
-    entry: dict[str, Any] = {"folder": folder_pid, "keys": keys, "problems": problems}
-    if any(p["fatal"] for p in res.problems):
-        return entry
-    if key not in table:
-        problems.append({"source": pid, "reason": "no_table_row",
-                         "detail": "no row with this key in the cohort tables", "skipped": True})
-        return entry
-    if writer.has_subject(pid):
-        problems.append({"source": pid, "reason": "duplicate",
-                         "detail": "already in the store (same cohort and key)", "skipped": True})
-        return entry
-    row = dict(table[key])
-    row.update(subject_id=pid, cohort=spec.name, pixel_spacing_row_mm=float(res.spacing[0]),
-               pixel_spacing_col_mm=float(res.spacing[1]))
-    entry["row"] = row
-    return entry
-
-
-def _table_rows(table: pd.DataFrame) -> dict[str, dict]:
-    """{key: row as JSON-able values}: one pass instead of a `.loc` per participant."""
-    return dict(zip(table.index, jsonable_rows(table)))
-
-
-def _code_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("thighmri")
-    except Exception:  # noqa: BLE001 - not installed: running from a checkout
-        return "unknown"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -260,6 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="override the spec's column for a canonical field (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-rows-without-images", type=float, default=0.0, metavar="SHARE",
+                   help="share of table rows that may find no images before the build ends "
+                        "with a WARNING (default 0: any; e.g. 0.05)")
     p.add_argument("--skip-space-check", action="store_true",
                    help="start even when the disk has less free space than the slices need "
                         "uncompressed")
@@ -280,21 +104,28 @@ def _resumable(out: Path) -> bool:
 
 
 def _print_summary(s: dict[str, Any], out: Path) -> None:
+    """The end of a build, most important last: what was ingested, what was not and why."""
     if s["n_resumed"]:
         print(f"resumed an interrupted build: {s['n_resumed']} participants were already "
               f"done, {s['n_processed']} processed now")
     print(f"store {out}: {s['store_subjects']} subjects, {s['store_slices']} slices in total")
-    print(f"this build ({s['spec']}): {s['n_ingested']} participants ingested, "
-          f"{s['n_slices']} slices, from {s['n_participant_folders']} DICOM folders and "
-          f"{s['n_table_rows']} table rows ({s['n_table_rows_without_images']} rows not ingested)")
-    if s["problems_by_reason"]:
-        print(f"problems (details: {s['ingest_report']}, and the store's ingest_problems):")
-        for reason, n in sorted(s["problems_by_reason"].items()):
-            print(f"  {n:5d}  {reason}")
+    where = f"the folder {s['visit_folder']!r}" if s["visit_folder"] else "--dicom"
+    outside = (f"; {s['n_files_outside_visit']} files outside {where} not read"
+               if s["n_files_outside_visit"] else "")
+    visit = f", visit {s['visit']}" if s["visit"] else ""
+    print(f"this build ({s['spec']}{visit}): {s['n_ingested']} participants "
+          f"ingested, {s['n_slices']} slices; {s['n_dicom_participants']} participants found "
+          f"by {s['participant_tag']} in {s['n_dicom_files']} files under {where}{outside}")
+    for measure, columns in s["measures_absent"].items():
+        print(f"measure not in this release: {measure} (columns {', '.join(columns)} are "
+              "not in the tables): left empty, recorded in the store")
     print("non-missing values among ingested participants:")
     for m, n in s["measures_non_missing"].items():
         print(f"  {m:18s} {n}")
+    print("\n".join(summary_lines(s["accounting"], s["ingest_report"])))
     print(f"content_hash {s['content_hash']}  ({s['seconds']} s)")
+    if s["warning"]:
+        print(f"\n{s['warning']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
                                           args.column or [])
         except (CohortSpecError, ValueError) as exc:
             errors.append(str(exc))
+    if spec is not None:
+        try:
+            participant_tag(spec.participant_tag)
+        except ValueError as exc:
+            errors.append(str(exc))
     if spec is not None and args.dicom is not None and args.dicom.is_dir():
         try:
-            participant_folders(args.dicom, spec)  # the visit folder (and batches) exist
-        except (CohortSpecError, OSError) as exc:
-            errors.append(f"{exc} (under --dicom {args.dicom})")
+            scan_root(args.dicom, spec.visit_folder, spec.other_visit_folders)
+        except (DicomTreeError, OSError) as exc:
+            errors.append(f"cohort {spec.name}, visit {spec.visit or spec.visit_folder!r}: "
+                          f"{exc}")
     try:
         size = parse_size(args.size)
     except ValueError as exc:
@@ -341,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(str(exc))
     if args.workers < 1:
         errors.append(f"--workers must be >= 1, got {args.workers}")
+    if not 0.0 <= args.max_rows_without_images <= 1.0:
+        errors.append("--max-rows-without-images is a share between 0 and 1, got "
+                      f"{args.max_rows_without_images}")
     if args.out is not None:
         if args.append and args.overwrite:
             errors.append("--append and --overwrite exclude each other")
@@ -364,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = build(dicom=args.dicom, tables=args.tables, spec=spec, out=args.out,
                         recipe=recipe, salt=salt, workers=args.workers, append=args.append,
                         overwrite=args.overwrite, resume=not args.no_resume,
-                        progress=not args.no_progress, space_check=not args.skip_space_check)
-    except (StoreError, CohortSpecError, FileNotFoundError) as exc:
+                        progress=not args.no_progress, space_check=not args.skip_space_check,
+                        max_rows_without_images=args.max_rows_without_images)
+    except (StoreError, CohortSpecError, DicomTreeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -373,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _, done = read_journal(args.out)
         print(f"error: the disk holding {args.out} is full ({exc.strerror}). {len(done)} "
-              "participant folder(s) of this build are safely in the store's journal: free "
+              "participant(s) of this build are safely in the store's journal: free "
               "space and rerun the same command to resume from there.", file=sys.stderr)
         return 1
     _print_summary(summary, args.out)

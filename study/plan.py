@@ -135,6 +135,13 @@ def plan_cells(grid: GridConfig, store) -> list[CellPlan]:
     for measure in grid.grid.get("measure", ()):
         if measure not in subjects.columns:
             errors.append(f"grid.measure: {measure!r} is not a column of the store's subjects table")
+    built = (getattr(store, "attrs", None) or {}).get("cohorts") or {}  # data_prep's build summaries
+    for cohort in grid.grid.get("cohort", ()):
+        absent = (built.get(cohort) or {}).get("measures_absent") or {}
+        for measure in grid.grid.get("measure", ()):
+            if measure in absent:
+                errors.append(f"grid.measure: {measure!r} is not in cohort {cohort!r}'s release: its tables "
+                              f"lack column(s) {', '.join(absent[measure])} (recorded when the store was built)")
     if errors:
         raise PlanError(f"{grid.source}: {len(errors)} problem(s) with the store:\n  - " + "\n  - ".join(errors))
     plans = []

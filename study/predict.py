@@ -3,7 +3,8 @@
     python study/predict.py --dicom data/demo/cohort/volunteers/dicom \
         --labels data/demo/cohort/volunteers/tables/volunteers.csv --out runs/volunteers.csv
 
-Each sub-folder of --dicom is one participant (named by a study code, never a patient name).
+Participants are found by header, as ingest finds them: every DICOM file under --dicom, at any
+depth, grouped by PatientID (a study code, never a patient name; data_prep.dicom.find_participants).
 The registered model (default `models:/thigh-leg_strength@champion`) carries the store's
 preprocessing recipe in its metadata; the thigh series is found and preprocessed with the
 same data_prep functions the store was built with, then every slice is classified and the
@@ -50,24 +51,27 @@ def load_registered(model_uri: str):
     return model, metadata
 
 
-def participant_folders(dicom_dir: Path) -> list[Path]:
+def participant_folders(dicom_dir: Path) -> list:
+    """The participants under `dicom_dir`, grouped by PatientID at any depth (sorted by it)."""
+    from data_prep.dicom import find_participants
+
     if not dicom_dir.is_dir():
         raise FileNotFoundError(f"--dicom {str(dicom_dir)!r} is not a directory")
-    folders = sorted(p for p in dicom_dir.iterdir() if p.is_dir())
-    if not folders:
-        raise ValueError(f"--dicom {str(dicom_dir)!r} has no participant sub-folders")
-    return folders
+    participants = find_participants(dicom_dir).participants
+    if not participants:
+        raise ValueError(f"--dicom {str(dicom_dir)!r} holds no DICOM file with a PatientID")
+    return participants
 
 
-def predict_participant(model, metadata: dict, folder: Path) -> dict:
+def predict_participant(model, metadata: dict, participant) -> dict:
     import torch
 
-    from data_prep.dicom_series import read_thigh_volume
+    from data_prep.dicom import read_thigh_volume
     from data_prep.preprocess import Recipe, apply_recipe
     from study.data import central_slices, to_model_input
 
     recipe = Recipe.from_dict(metadata["recipe"])
-    volume, _geometry, _selection = read_thigh_volume(folder)
+    volume, _geometry, _selection = read_thigh_volume(participant.paths())
     images, _stats = apply_recipe(volume, recipe)
     keep = central_slices(len(images), metadata.get("slices_per_subject"))
     size = tuple(metadata["input_size"]) if metadata.get("input_size") else None
@@ -75,19 +79,19 @@ def predict_participant(model, metadata: dict, folder: Path) -> dict:
     with torch.no_grad():
         probs = torch.softmax(model(x), dim=1)[:, 1].numpy()
     p_high = float(np.mean(probs))
-    return {"participant": folder.name, "p_high": p_high, "predicted": "high" if p_high >= 0.5 else "low",
+    return {"participant": participant.key, "p_high": p_high, "predicted": "high" if p_high >= 0.5 else "low",
             "n_slices": int(len(probs))}
 
 
 def predict_folder(model_uri: str, dicom_dir: Path, labels_csv: Path | None = None) -> tuple[pd.DataFrame, dict]:
     model, metadata = load_registered(model_uri)
     rows, problems = [], []
-    for folder in participant_folders(dicom_dir):
+    for participant in participant_folders(dicom_dir):
         try:
-            rows.append(predict_participant(model, metadata, folder))
+            rows.append(predict_participant(model, metadata, participant))
         except (ValueError, FileNotFoundError, OSError) as exc:
-            problems.append(f"{folder.name}: {exc}")
-            rows.append({"participant": folder.name, "p_high": np.nan, "predicted": "error", "n_slices": 0})
+            problems.append(f"{participant.key}: {exc}")
+            rows.append({"participant": participant.key, "p_high": np.nan, "predicted": "error", "n_slices": 0})
     df = pd.DataFrame(rows)
     summary: dict = {"measure": metadata.get("measure"), "cell": metadata.get("cell"), "problems": problems}
     if labels_csv is not None:
@@ -114,7 +118,7 @@ def predict_folder(model_uri: str, dicom_dir: Path, labels_csv: Path | None = No
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Predict high/low function for participants' DICOM folders.")
-    p.add_argument("--dicom", required=True, type=Path, help="folder with one sub-folder per participant")
+    p.add_argument("--dicom", required=True, type=Path, help="DICOM folder, any layout: participants by PatientID")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model URI (default {DEFAULT_MODEL})")
     p.add_argument("--labels", type=Path, default=None, help="CSV with columns code, exercise (yes/no)")
     p.add_argument("--out", type=Path, default=None, help="write predictions to this CSV")

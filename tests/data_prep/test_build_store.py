@@ -1,7 +1,8 @@
 """End to end: synthetic DICOM cohort -> build_store CLI -> Zarr store -> open / verify.
 
-Uses data_prep/synth.py (small matrix) for the cohorts; problems (non-DICOM file, truncated
-slice, participant without a table row) are planted on top of its output.
+Uses data_prep/synthetic (small matrix) for the cohorts, OAI in its release's tree (visit /
+batch / ID / date / series / image, one participant split over two batches); problems
+(non-DICOM file, truncated slice, participant without a table row) are planted on top.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ import pydicom
 import pytest
 import zarr
 
-import data_prep.synth as synth
+from data_prep.synthetic.phantom import pixel_spacing
+from data_prep.synthetic.subjects import TABLE_ONLY_OAI
+from data_prep.synthetic import generate_cohort
 from data_prep import build_store
+from data_prep.dicom import find_participants
+from data_prep.ingest import DELAY_ENV, SPACE_MARGIN, space_needed
+from data_prep.ingest.worker import process_participant
 from data_prep.store import (JOURNAL, REPORT_COLUMNS, StoreError, StoreWriter, ingest_report_path,
                              load_salt, open_store, pseudonym, verify_store)
 from data_prep.preprocess import Recipe
@@ -34,20 +40,28 @@ N_SUBJECTS = 12
 SIZE = "32x64"
 
 
+def imaged(cohort: Path) -> pd.DataFrame:
+    """truth.csv's imaged OAI participants, sorted by ID (the store's order)."""
+    truth = pd.read_csv(cohort / "truth.csv", dtype={"id": str}, keep_default_na=False)
+    truth = truth[(truth["cohort"] == "oai") & truth["has_images"]]
+    return truth.sort_values("id").reset_index(drop=True)
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    synth.generate_cohort(out, subjects=N_SUBJECTS, seed=0, matrix=(64, 128))
-    oai = out / "oai" / "dicom" / "00m"
-    folders = sorted(p for p in oai.iterdir() if p.is_dir())
+    generate_cohort(out, subjects=N_SUBJECTS, seed=0, matrix=(64, 128))
+    oai = imaged(out)
+    assert (oai["dicom_dir"] != oai["localizer_dir"]).sum() >= 1  # split over two batches
     # planted problems: a non-DICOM file (not fatal), a truncated thigh slice (participant
     # skipped), a participant whose table rows are removed (skipped: no table row)
-    (folders[0] / "notes.txt").write_text("scanner log\n")
-    thigh = [p for p in folders[1].rglob("*") if p.is_file()
-             and pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription == "AX_T1_THIGH"]
+    (out / oai["dicom_dir"][0]).parent.joinpath("notes.txt").write_text("scanner log\n")
+    thigh = sorted(p for p in (out / oai["dicom_dir"][1]).rglob("*") if p.is_file()
+                   and pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription
+                   == "AX_T1_THIGH")
     data = thigh[0].read_bytes()
     thigh[0].write_bytes(data[: len(data) - 2000])
-    dropped = folders[2].name
+    dropped = oai["id"][2]
     for rel in ("AllClinical_ASCII/AllClinical00.txt", "General_ASCII/Enrollees.txt"):
         path = out / "oai" / "tables" / rel
         lines = path.read_bytes().split(b"\r\n")
@@ -98,7 +112,8 @@ def collect_phi(cohort: Path) -> set[str]:
 def test_build_open_round_trip(built, cohort):
     store = open_store(built)
     s = store.subjects
-    oai = sorted(p.name for p in (cohort / "oai" / "dicom" / "00m").iterdir() if p.is_dir())
+    oai = imaged(cohort)["id"].tolist()
+    assert len(oai) == N_SUBJECTS
     assert len(s) == len(oai) - 2  # truncated series + no table row skipped
     assert store.images.shape == (15 * len(s), 32, 64) and store.images.dtype == np.uint16
     assert store.images.chunks == (1, 32, 64) and store.images.shards == (15, 32, 64)
@@ -113,6 +128,8 @@ def test_build_open_round_trip(built, cohort):
     assert store.measures["gait_400m"]["direction"] == "lower"
     assert store.measures["leg_strength"]["direction"] == "higher"
     assert store.subject_images(1).shape == (15, 32, 64) and store.subject_images(1).max() > 0
+    split = imaged(cohort).query("dicom_dir != localizer_dir")["id"]
+    assert set(pseudonym(SALT.encode(), "oai", k) for k in split) <= set(s["subject_id"])
     reasons = {p["reason"]: p for p in store.attrs["ingest_problems"]}
     pid = [pseudonym(SALT.encode(), "oai", k) for k in oai]
     assert reasons["no_table_row"]["source"] == pid[2] and reasons["no_table_row"]["skipped"]
@@ -121,15 +138,22 @@ def test_build_open_round_trip(built, cohort):
     assert reasons["not_dicom"]["skipped"] is False
     assert re.fullmatch(pid[0] + r"/file#\d+", reasons["not_dicom"]["source"])
     # OAI has table-only participants (tables but no scan), and the dropped one is not one
-    table_only = [p for p in store.attrs["ingest_problems"] if p["reason"] == "table_only"]
-    assert len(table_only) == synth.TABLE_ONLY_OAI
-    assert pid[2] not in {p["source"] for p in table_only}
+    no_images = [p for p in store.attrs["ingest_problems"] if p["reason"] == "no_images"]
+    assert len(no_images) == TABLE_ONLY_OAI and all(p["skipped"] for p in no_images)
+    assert pid[2] not in {p["source"] for p in no_images}
     report = pd.read_csv(ingest_report_path(built))
     assert list(report.columns) == list(REPORT_COLUMNS)
     assert len(report) == len(store.attrs["ingest_problems"])
-    assert set(report["reason"]) == {"no_table_row", "truncated", "not_dicom", "table_only"}
+    assert set(report["reason"]) == {"no_table_row", "truncated", "not_dicom", "no_images"}
+    accounting = store.attrs["cohorts"]["oai"]["accounting"]
+    assert accounting["table_rows"] == {"n": N_SUBJECTS - 1 + TABLE_ONLY_OAI,
+                                        "ingested": len(s), "not_ingested": {
+                                            "no_images": TABLE_ONLY_OAI, "truncated": 1}}
+    assert accounting["dicom_participants"] == {"n": N_SUBJECTS, "ingested": len(s),
+                                                "not_ingested": {"no_table_row": 1,
+                                                                 "truncated": 1}}
     # pixel spacing of the stored images: synthetic FOV 250 x 500 mm -> 32 x 64 pixels
-    fov = synth.pixel_spacing((64, 128))
+    fov = pixel_spacing((64, 128))
     assert np.allclose(s["pixel_spacing_row_mm"], fov[0] * 64 / 32)
     assert np.allclose(s["pixel_spacing_col_mm"], fov[1] * 128 / 64)
     assert store.content_hash.startswith("sha256:")
@@ -219,7 +243,7 @@ def test_arguments_validated_before_work(tmp_path, monkeypatch, capsys):
 
 def _start_killable_build(cohort: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
     """The build CLI in its own process group, slowed down so it can be killed midway."""
-    env = dict(os.environ, THIGHMRI_SALT=SALT, **{build_store.DELAY_ENV: "0.4"})
+    env = dict(os.environ, THIGHMRI_SALT=SALT, **{DELAY_ENV: "0.4"})
     cmd = [sys.executable, str(Path(build_store.__file__)), "--dicom",
            str(cohort / name / "dicom"), "--tables", str(cohort / name / "tables"),
            "--cohort", name, "--out", str(out), "--size", SIZE, "--n-slices", "15",
@@ -245,7 +269,7 @@ def _kill_after(proc: subprocess.Popen, store: Path, n_entries: int) -> int:
 def test_killed_build_resumes_to_the_same_hash(built, cohort, tmp_path, monkeypatch, capsys):
     out = tmp_path / "killed.zarr"
     done = _kill_after(_start_killable_build(cohort, out, "oai"), out, 4)
-    assert 4 <= done < N_SUBJECTS
+    assert 4 <= done < N_SUBJECTS - 1  # the participant without a table row is never read
     with pytest.raises(StoreError, match="Rerun the same"):
         open_store(out)  # a half-written store is never read as complete
     assert any("incomplete" in p for p in verify_store(out))
@@ -260,7 +284,7 @@ def test_killed_build_resumes_to_the_same_hash(built, cohort, tmp_path, monkeypa
     printed = capsys.readouterr().out
     m = re.search(r"resumed an interrupted build: (\d+) participants were already done, "
                   r"(\d+) processed now", printed)
-    assert m and int(m.group(1)) == done and int(m.group(2)) == N_SUBJECTS - done
+    assert m and int(m.group(1)) == done and int(m.group(2)) == N_SUBJECTS - 1 - done
     assert first_chunk.stat().st_mtime_ns == stamp  # finished participants were not redone
     assert open_store(out).content_hash == open_store(built).content_hash
     assert verify_store(out) == [] and not (out / JOURNAL).exists()
@@ -270,13 +294,13 @@ def test_too_little_disk_space_is_refused_before_any_participant_is_read(cohort,
                                                                        monkeypatch, capsys):
     monkeypatch.setenv("THIGHMRI_SALT", SALT)
     recipe = Recipe(n_slices=15, size=(32, 64))
-    n = sum(p.is_dir() for p in (cohort / "oai" / "dicom" / "00m").iterdir())
-    need = build_store.space_needed(n, recipe, workers=1)
-    assert need == (n + 2) * 15 * 32 * 64 * 2 + build_store.SPACE_MARGIN
+    n = N_SUBJECTS - 1  # participants to read: all but the one without a table row
+    need = space_needed(n, recipe, workers=1)
+    assert need == (n + 2) * 15 * 32 * 64 * 2 + SPACE_MARGIN
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda path: real(path)._replace(free=need - 1))  # one byte short
-    from data_prep import ingest_worker
+    from data_prep.ingest import worker as ingest_worker
 
     def must_not_run(*args):
         raise AssertionError("a participant was read before the space check")
@@ -294,8 +318,8 @@ def test_disk_full_midway_stops_cleanly_and_resumes_to_the_same_hash(built, coho
                                                                      monkeypatch, capsys):
     import errno
 
-    from data_prep import ingest_worker
-    from data_prep.journal import read_journal
+    from data_prep.ingest import worker as ingest_worker
+    from data_prep.store import read_journal
 
     monkeypatch.setenv("THIGHMRI_SALT", SALT)
     real_write, calls = ingest_worker.write_shard, []
@@ -313,7 +337,7 @@ def test_disk_full_midway_stops_cleanly_and_resumes_to_the_same_hash(built, coho
     err = capsys.readouterr().err
     _, done = read_journal(out)
     assert 5 <= len(done) < N_SUBJECTS
-    assert f"is full (No space left on device). {len(done)} participant folder(s)" in err
+    assert f"is full (No space left on device). {len(done)} participant(s)" in err
     assert "rerun the same command" in err and "Traceback" not in err
     with pytest.raises(StoreError):
         open_store(out)  # never read as complete
@@ -349,7 +373,7 @@ def test_incomplete_store_refused(tmp_path):
     path = tmp_path / "partial.zarr"
     recipe = Recipe(n_slices=2, size=(4, 8))
     writer = StoreWriter.start(path, recipe, build_key="oai:x")
-    writer.add({"folder": "f" * 16, "keys": [], "problems": [],
+    writer.add({"participant": "f" * 16, "problems": [],
                 "row": {"subject_id": "0" * 16, "cohort": "oai", "sex": "male"}},
                np.ones((2, 4, 8), np.uint16), {"intensity_low": 0, "intensity_high": 1})
     # the writer "crashed": finish() was never called
@@ -380,7 +404,8 @@ def test_wrong_orientation_and_too_few_slices_are_categorised(tmp_path):
     (tmp_path / "good" / "notes.txt").write_text("scanner log\n")
     reasons = {}
     for name in ("coronal", "short", "good"):
-        res = build_store.process_participant(tmp_path / name, patterns, recipe)
+        (participant,) = find_participants(tmp_path / name).participants
+        res = process_participant(participant, patterns, recipe)
         reasons[name] = [(p["reason"], p["fatal"]) for p in res.problems]
     assert reasons["coronal"] == [("wrong_orientation", True)]
     assert reasons["short"] == [("too_few_slices", True)]

@@ -7,8 +7,7 @@ import math
 import pytest
 
 from data_prep.cohorts import (MEASURES, CohortSpecError, apply_column_overrides,
-                               load_cohort_table, load_spec, parse_spec, participant_folders,
-                               select_visit)
+                               load_cohort_table, load_spec, parse_spec, select_visit)
 
 OAI_HEADER = ("ID|V00AGE|P01BMI|P01WEIGHT|P01HEIGHT|V0020MPACE|V00400MTIM|V00400MCMP|"
               "V00CSTIME1|V00CSPACE|V00REMAXF|V00LEMAXF|V00RFMAXF|V00LFMAXF")
@@ -104,10 +103,45 @@ def test_unknown_spec_keys_listed():
 def test_spec_column_not_in_table(tmp_path):
     write_oai(tmp_path)
     spec = load_spec("oai")
-    spec.fields["leg_strength"] = {"columns": ["V00KNEEXT_R", "V00LEMAXF"],
-                                   "combine": "mean_available"}
-    with pytest.raises(CohortSpecError, match="V00KNEEXT_R"):
+    spec.fields["age"] = {"column": "V00AGE_YEARS"}
+    with pytest.raises(CohortSpecError, match=r"V00AGE_YEARS.*only measures"):
         load_cohort_table(spec, tmp_path)
+
+
+def test_release_with_only_some_measures(tmp_path, caplog):
+    # a restricted pull without the strength columns and the 400 m completion code: the
+    # other measures are built, the missing ones are NaN, named in a warning and the report
+    write_oai(tmp_path)
+    clinical = tmp_path / "AllClinical_ASCII" / "AllClinical00.txt"
+    lines = [line.split("|") for line in clinical.read_text("latin-1").splitlines() if line]
+    drop = {lines[0].index(c) for c in ("V00REMAXF", "V00LEMAXF", "V00400MCMP")}
+    clinical.write_text("\r\n".join("|".join(v for i, v in enumerate(row) if i not in drop)
+                                    for row in lines) + "\r\n", "latin-1")
+    table, report = load_cohort_table(load_spec("oai"), tmp_path)
+    assert report["absent_measures"] == {"leg_strength": ["V00REMAXF", "V00LEMAXF"],
+                                         "gait_400m": ["V00400MCMP"]}
+    assert table["leg_strength"].isna().all() and table["gait_400m"].isna().all()
+    assert table.loc["9000001", "gait_speed_short"] == 1.35 and table["age"].notna().all()
+    assert "leg_strength is not in this release" in caplog.text and "V00400MCMP" in caplog.text
+    assert "leg_strength" not in report["uncertain"]  # nothing read, nothing to confirm
+    # the key and sex stay required
+    for column in ("ID", "P02SEX"):
+        enrollees = tmp_path / "General_ASCII" / "Enrollees.txt"
+        text = enrollees.read_text("latin-1")
+        enrollees.write_text(text.replace(column, column + "_X", 1), "latin-1")
+        with pytest.raises(CohortSpecError, match=column):
+            load_cohort_table(load_spec("oai"), tmp_path)
+        enrollees.write_text(text, "latin-1")
+
+
+def test_rows_with_a_blank_key_are_listed(tmp_path):
+    write_oai(tmp_path)
+    clinical = tmp_path / "AllClinical_ASCII" / "AllClinical00.txt"
+    clinical.write_bytes(clinical.read_bytes().replace(b"9000003|", b" |"))
+    table, report = load_cohort_table(load_spec("oai"), tmp_path)
+    assert report["rows_without_key"] == {"AllClinical_ASCII/AllClinical00.txt": [3]}
+    assert "9000003" in table.index  # its Enrollees row is still there, without measures
+    assert math.isnan(table.loc["9000003", "gait_speed_short"])
 
 
 def test_unknown_cohort():
@@ -228,7 +262,7 @@ def test_oai_visit_selects_prefix_and_folder(tmp_path):
     (tmp_path / "General_ASCII" / "Enrollees.txt").write_text("\n".join(ENROLLEES) + "\n")
     table, report = load_cohort_table(late, tmp_path)
     assert table.loc["9000001", "gait_speed_short"] == 1.35 and report["visit"] == "24m"
-    with pytest.raises(CohortSpecError, match="V0020MPACE"):
+    with pytest.raises(CohortSpecError, match="V00AGE"):  # the wrong visit's age: an error
         load_cohort_table(spec, tmp_path)
     with pytest.raises(CohortSpecError, match=r"unknown visit '06m'; allowed visits: \['00m'"):
         select_visit(spec, "06m")
@@ -287,23 +321,23 @@ def test_uncertain_columns_are_reported(tmp_path, caplog):
     assert "uncertain" in caplog.text and "--column" in caplog.text
 
 
-def test_participant_folders(tmp_path):
-    for rel in ("00m/9000001/20040101/3", "00m/9000002", "24m/9000001"):
-        (tmp_path / rel).mkdir(parents=True)
-    (tmp_path / "00m" / "stray.txt").write_text("not a participant")
+def test_dicom_conventions_of_a_spec():
     spec = load_spec("oai")
-    assert [p.name for p in participant_folders(tmp_path, spec)] == ["9000001", "9000002"]
-    assert [p.name for p in participant_folders(tmp_path, select_visit(spec, "24m"))] == [
-        "9000001"]
-    # a release that groups participants in batch folders: <visit>/<batch>/<participant>
-    (tmp_path / "00m").rename(tmp_path / "batch")
-    (tmp_path / "00m").mkdir()
-    (tmp_path / "batch").rename(tmp_path / "00m" / "0.C.2")
-    batched = load_spec("oai")
-    batched.dicom["participant_depth"] = 2
-    assert [p.name for p in participant_folders(tmp_path, batched)] == ["9000001", "9000002"]
-    with pytest.raises(CohortSpecError, match="48m"):
-        participant_folders(tmp_path, select_visit(spec, "48m"))
+    assert spec.participant_tag == "PatientID" and spec.participant_depth is None
+    assert spec.visit_folder == "00m"
+    assert spec.other_visit_folders == ["12m", "24m", "36m", "48m"]
+    assert select_visit(spec, "24m").other_visit_folders == ["00m", "12m", "36m", "48m"]
+    assert load_spec("somma").other_visit_folders == []
+    raw = {"name": "x", "key": "ID", "tables": [{"file": "t.csv"}], "fields": {},
+           "dicom": {"series_description": ["THIGH"], "participant_tag": "Patient ID",
+                     "participant_depth": 0}}
+    with pytest.raises(CohortSpecError) as exc:
+        parse_spec(raw)
+    assert "participant_tag must be a DICOM keyword" in str(exc.value)
+    assert "participant_depth must be an integer >= 1" in str(exc.value)
+    raw["dicom"].update(participant_tag="OtherPatientIDs", participant_depth=2)
+    spec = parse_spec(raw)
+    assert spec.participant_tag == "OtherPatientIDs" and spec.participant_depth == 2
 
 
 def test_builtin_specs_load():

@@ -20,7 +20,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
-from data_prep.dicom_series import DicomSeriesError, decode_file, load_volume, scan_tree
+from data_prep.dicom import DicomSeriesError, decode_file, load_volume, scan_tree
 
 # MR_small.dcm re-encoded by pydicom's authors; all lossless, so pixels must match exactly.
 LOSSLESS_MR_SMALL = [

@@ -19,7 +19,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian
 
-from data_prep.dicom_fast import HEAD_BYTES, HEADER_TAGS, read_file
+from data_prep.dicom.fast import HEAD_BYTES, HEADER_TAGS, read_file
 
 
 def pydicom_values(ds: pydicom.Dataset) -> dict:

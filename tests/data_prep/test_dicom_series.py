@@ -12,8 +12,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from data_prep.dicom_series import (REASONS, SERIES_REJECTIONS, DicomSeriesError, decode_file, load_volume,
-                                    read_thigh_volume, scan_tree, select_thigh_series)
+from data_prep.dicom import (REASONS, SERIES_REJECTIONS, DicomSeriesError, decode_file, load_volume,
+                             read_thigh_volume, scan_tree, select_thigh_series)
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 CORONAL = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
@@ -225,7 +225,7 @@ def test_truncated_and_empty_pixel_data_are_categorised(tmp_path):
 
 
 def test_scan_keeps_thigh_pixels_so_each_file_is_read_once(tmp_path, monkeypatch):
-    import data_prep.dicom_series as ds_module
+    import data_prep.dicom.series as ds_module
 
     write_series(tmp_path / "s3", n=6, slope=2.0, intercept=-5.0)
     write_series(tmp_path / "s1", n=3, description="MP_LOCATOR_THIGH",
@@ -297,7 +297,7 @@ def test_a_damaged_header_value_skips_that_file_not_the_scan(tmp_path):
 
 
 def test_list_files_follows_links_once_and_skips_broken_ones(tmp_path):
-    from data_prep.dicom_series import list_files
+    from data_prep.dicom import list_files
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "f2").write_bytes(b"x")

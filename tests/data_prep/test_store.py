@@ -11,10 +11,10 @@ import pytest
 import zarr
 
 from data_prep import build_store
-from data_prep.journal import JournalWriter
 from data_prep.preprocess import Recipe
-from data_prep.shards import (IMAGE_CHUNK_KEYS, IMAGE_CODEC, STAGING, create_image_array,
-                              encode_shard, write_shard)
+from data_prep.store.journal import JournalWriter
+from data_prep.store.shards import (IMAGE_CHUNK_KEYS, IMAGE_CODEC, STAGING, create_image_array,
+                                    encode_shard, write_shard)
 from data_prep.store import (JOURNAL, StoreError, StoreWriter, ingest_report_path, open_store,
                              read_journal, slice_digests, verify_store)
 
@@ -24,7 +24,7 @@ KEY = "oai:test"
 
 def _subject(i: int) -> tuple[dict, np.ndarray, dict]:
     rng = np.random.default_rng(i)
-    entry = {"folder": f"{i:016x}", "keys": [f"{i:016x}"], "problems": [],
+    entry = {"participant": f"{i:016x}", "problems": [],
              "row": {"subject_id": f"{i:016x}", "cohort": "oai", "sex": "female", "age": 60.0 + i,
                      "bmi": 25.0, "leg_strength": 900.0 + i, "pixel_spacing_row_mm": 0.98,
                      "pixel_spacing_col_mm": 0.98}}
@@ -92,7 +92,7 @@ def test_resume_drops_unjournaled_shards_and_matches_uninterrupted(tmp_path):
     (images / "c.6.0.0").write_bytes(encode_shard(np.full((3, 8, 16), 9, np.uint16)))
     write_shard(_subject(3)[1], writer.staged_path(3))
     with open(path / JOURNAL, "a", encoding="utf-8") as f:
-        f.write('{"folder": "0000')
+        f.write('{"participant": "0000')
     header, entries = read_journal(path)
     assert header["build_key"] == KEY and len(entries) == 2
     assert (path / JOURNAL).read_bytes().endswith(b"}\n")  # torn line cut off
@@ -278,7 +278,7 @@ def test_verify_reports_leftover_staging_and_damaged_shard_index(tmp_path):
 
 
 def test_journal_fsyncs_at_most_once_per_interval(tmp_path, monkeypatch):
-    from data_prep import journal
+    from data_prep.store import journal
 
     calls = []
     real = journal.os.fsync

@@ -1,10 +1,9 @@
 """Cohort tables: read a cohort's CSV/TSV tables into canonical fields, as its spec says.
 
-    from data_prep.cohorts import load_spec
-    from data_prep.tables import load_cohort_table     # also importable from data_prep.cohorts
+    from data_prep.cohorts import load_cohort_table, load_spec
     table, report = load_cohort_table(load_spec("oai"), "synth/oai/tables")
 
-The spec (data_prep/cohorts.py) names the files, delimiters, encodings, the key and visit
+The spec (data_prep/cohorts/spec.py) names the files, delimiters, encodings, the key and visit
 columns and, per canonical field, the source column(s); this module joins the tables on the
 key, keeps the chosen visit's rows, turns missing codes (blanks, ".A: Not Expected", spec
 `missing_values`, no row in a table) into NaN/None with counts, reads coded cells ("1: Male"),
@@ -24,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.cohorts import (CANONICAL_FIELDS, CATEGORICAL_FIELDS, CohortSpec,
-                               CohortSpecError, field_columns)
+from data_prep.cohorts.spec import (CANONICAL_FIELDS, CATEGORICAL_FIELDS, MEASURES, CohortSpec,
+                                    CohortSpecError, field_columns)
 
 # Same logger name as before the split from cohorts.py, so existing log filters still match.
 log = logging.getLogger("data_prep.cohorts")
@@ -48,7 +47,12 @@ def load_cohort_table(spec: CohortSpec, tables_dir: str | Path) -> tuple[pd.Data
         absent from that column's table, or a spec `missing_values` entry); `missing_labels`
         one full label per code; `unparsed` counts values that are neither missing nor
         parseable; `filtered` what each only_if removed; `combined` how combined fields were
-        formed; `uncertain` the columns whose names the spec marks as unconfirmed.
+        formed; `uncertain` the columns whose names the spec marks as unconfirmed;
+        `absent_measures` maps each canonical measure whose columns are not in the tables (a
+        release holding only some measures) to those columns: the measure is NaN for every
+        row and a warning is logged. Any other field's column missing is a CohortSpecError.
+        `rows_without_key` lists, per table file, the data rows (1-based, in the file's
+        order) whose key cell is blank: they cannot be matched to images and are dropped.
     """
     tables_report: list[dict[str, Any]] = []
     raw = _read_tables(spec, Path(tables_dir), tables_report)
@@ -58,13 +62,27 @@ def load_cohort_table(spec: CohortSpec, tables_dir: str | Path) -> tuple[pd.Data
                               "visit_folder": spec.visit_folder, "tables": tables_report,
                               "overrides": list(spec.overrides), "missing": {},
                               "missing_labels": {}, "unparsed": {}, "filtered": {},
-                              "combined": {}, "uncertain": {}}
+                              "combined": {}, "uncertain": {}, "absent_measures": {},
+                              "rows_without_key": {}}
+    for t in tables_report:
+        rows = t.pop("rows_without_key")
+        if rows:
+            report["rows_without_key"][t["file"]] = rows
     all_columns = set(raw.columns)
-    wanted = [c for f in fields.values() if f for c in field_columns(f)]
-    absent = sorted({c for c in wanted if c not in all_columns})
-    if absent:
-        raise CohortSpecError(f"cohort {spec.name}: column(s) {absent} named in the spec are "
-                              f"not in the tables (available: {sorted(all_columns)})")
+    absent = {name: [c for c in field_columns(f) if c not in all_columns]
+              for name, f in fields.items() if f}
+    absent = {name: cols for name, cols in absent.items() if cols}
+    required = sorted({c for name, cols in absent.items() if name not in MEASURES for c in cols})
+    if required:
+        raise CohortSpecError(f"cohort {spec.name}: column(s) {required} named in the spec are "
+                              f"not in the tables (available: {sorted(all_columns)}); only "
+                              f"measures {list(MEASURES)} may be absent from a release")
+    for name, cols in absent.items():  # a release without this measure: build the others
+        report["absent_measures"][name] = cols
+        fields[name] = None
+        log.warning("cohort %s: %s is not in this release: column(s) %s are not in the "
+                    "tables; it is left empty (NaN) and recorded in the store, and a study "
+                    "grid asking for it is refused", spec.name, name, cols)
     for name, f in fields.items():
         if f and f.get("uncertain"):
             report["uncertain"][name] = {"columns": field_columns(f),
@@ -183,7 +201,9 @@ def _read_tables(spec: CohortSpec, tables_dir: Path,
             raise CohortSpecError(f"cohort {spec.name}: key column {spec.key!r} not in "
                                   f"{t['file']} (columns: {list(df.columns)})")
         df = df.apply(lambda s: s.str.strip())
-        df = df[df[spec.key] != ""]
+        blank = df[spec.key] == ""
+        rows_without_key = [int(i) + 1 for i in np.flatnonzero(blank.to_numpy())]
+        df = df[~blank]
         n_read = len(df)
         visit_column = t.get("visit_column")
         if visit_column:
@@ -201,7 +221,8 @@ def _read_tables(spec: CohortSpec, tables_dir: Path,
         if table_report is not None:
             table_report.append({"file": t["file"], "rows_read": int(n_read),
                                  "rows_kept": int(len(df)), "visit_column": visit_column,
-                                 "visit_rows": visit_rows if visit_column else None})
+                                 "visit_rows": visit_rows if visit_column else None,
+                                 "rows_without_key": rows_without_key})
         df = df.set_index(spec.key)
         if merged is None:
             merged = df

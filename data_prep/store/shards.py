@@ -1,6 +1,6 @@
 """The `images` array's files: one shard per participant, encoded by the ingest workers.
 
-    from data_prep.shards import encode_shard, write_shard
+    from data_prep.store.shards import encode_shard, write_shard
     data = encode_shard(images)            # uint16 (n_slices, rows, cols) -> the shard file
     write_shard(images, staging / "7.shard")
 

@@ -1,7 +1,7 @@
 """Numerical phantom of axial mid-thigh T1 spin-echo MRI: both thighs side by side.
 
     import numpy as np
-    from data_prep.phantom import ThighAnatomy, render_axial_stack
+    from data_prep.synthetic.phantom import ThighAnatomy, render_axial_stack
     stack = render_axial_stack(ThighAnatomy(muscle_area_cm2=110, imat_fraction=0.08,
                                             fat_area_cm2=90), matrix=(256, 512),
                                rng=np.random.default_rng(0))

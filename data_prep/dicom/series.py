@@ -1,14 +1,15 @@
-"""Find the axial thigh series in a DICOM tree (loading it: data_prep/dicom_volume.py).
+"""Find the axial thigh series among a participant's DICOM files (loading it: volume.py).
 
-With dicom_volume.py, the only modules in the project that import pydicom. Files in the
-common format (uncompressed little endian, one greyscale frame) are read by
-data_prep/dicom_fast.py, which gives pydicom's values and pixels about 3x cheaper (0.23 vs
+With volume.py and participants.py, the only modules in the project that import pydicom.
+Files in the common format (uncompressed little endian, one greyscale frame) are read by
+data_prep/dicom/fast.py, which gives pydicom's values and pixels about 3x cheaper (0.23 vs
 0.8 ms per 256x512 slice) and hands anything else back to pydicom. PHI read from headers
 (PatientID, names, UIDs) stays in memory in the returned objects; nothing here prints or
 stores it.
 
-    from data_prep.dicom_series import read_thigh_volume
-    volume, geometry, selection = read_thigh_volume("dicom/00m/9000099", ["AX_T1_THIGH"])
+    from data_prep.dicom.series import scan_tree, select_thigh_series
+    scan = scan_tree("dicom/00m/0.C.2/9000099", keep_patterns=["AX_T1_THIGH"])
+    selection = select_thigh_series(scan.series, ["AX_T1_THIGH"], min_slices=15)
 
 Every failure carries a category (`DicomSeriesError.reason`, `Selection.rejected` reasons)
 so the ingest report can count problems by kind; REASONS lists them. Compressed transfer
@@ -33,7 +34,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from data_prep import dicom_fast
+import data_prep.dicom.fast as dicom_fast
 
 # |cos| between the slice normal and the patient z axis above which a series counts as axial
 # (0.9 allows about 25 degrees of oblique tilt, far more than a thigh prescription uses).
@@ -47,9 +48,9 @@ ORIENTATION_ATOL = 1e-3
 MAX_KEPT_FILE_BYTES = 32 * 1024 * 1024
 
 
-# Problem categories (the same words as data_prep/store.py REASONS, so ingest reports count
-# them directly). Series-level rejections in `Selection.rejected` add `localizer` and
-# `description_mismatch`, which are normal (other series of the study), not problems.
+# Problem categories (the same words as data_prep/store/schema.py REASONS, so ingest
+# reports count them directly). Series-level rejections in `Selection.rejected` add
+# `localizer` and `description_mismatch`, which are normal (other series of the study).
 REASONS = {
     "not_dicom": "file is not DICOM",
     "truncated": "file ends early (inside the header or the pixel data)",
@@ -345,30 +346,3 @@ def _describe_rejection(s: SeriesInfo, reason: str, min_slices: int) -> str:
     if reason == "too_few_slices":
         return f"{reason} ({s.n_files} < {min_slices})"
     return reason
-
-
-def read_thigh_volume(
-    folder: str | os.PathLike, description_patterns: Sequence[str] = (r"THIGH",)
-) -> tuple[np.ndarray, Any, Selection]:
-    """One participant's folder -> (ordered float32 volume, geometry, selection).
-
-    For prediction on new subjects; pass the cohort spec's description patterns.
-    Raises DicomSeriesError when no axial thigh series is found or it cannot be loaded.
-    """
-    scan = scan_tree(folder, keep_patterns=description_patterns)
-    selection = select_thigh_series(scan.series, description_patterns)
-    if selection.series is None:
-        raise DicomSeriesError(f"{Path(folder).name}: {selection.note}", selection.reason)
-    from data_prep.dicom_volume import load_volume
-
-    volume, geometry = load_volume(selection.series)
-    return volume, geometry, selection
-
-
-def __getattr__(name: str) -> Any:
-    # loading moved to data_prep/dicom_volume.py (which imports this module): these names
-    # stay importable from here, resolved on first use so that there is no import cycle
-    if name in ("Geometry", "load_volume", "decode_file"):
-        from data_prep import dicom_volume
-        return getattr(dicom_volume, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,22 +1,24 @@
-"""Load a selected thigh series as an ordered volume (dicom_series.py finds and selects it).
+"""Load a selected thigh series as an ordered volume (series.py finds and selects it).
 
-    from data_prep.dicom_series import scan_tree, select_thigh_series
-    from data_prep.dicom_volume import load_volume
-    scan = scan_tree("dicom/00m/9000099", keep_patterns=["AX_T1_THIGH"])
+    from data_prep.dicom.series import scan_tree, select_thigh_series
+    from data_prep.dicom.volume import load_volume, read_thigh_volume
+    scan = scan_tree("dicom/00m/0.C.2/9000099", keep_patterns=["AX_T1_THIGH"])
     series = select_thigh_series(scan.series, ["AX_T1_THIGH"], min_slices=15).series
     volume, geometry = load_volume(series)            # float32 (n, rows, cols), rescaled
     stored, geometry = load_volume(series, stored_values=True)  # ingest: integers + rescale
+    volume, geometry, selection = read_thigh_volume(participant.paths(), ["AX_T1_THIGH"])
 
 Slice order comes from ImagePositionPatient projected on the slice normal (row direction x
 column direction), never from file names or InstanceNumber. Files scan_tree already read
 (kept pydicom datasets or dicom_fast pixels) are not read again. Every failure is a
-DicomSeriesError with a `reason` (dicom_series.REASONS). `load_volume`, `decode_file` and
-`Geometry` are also importable from data_prep.dicom_series.
+DicomSeriesError with a `reason` (series.REASONS). `read_thigh_volume` does find, select
+and load in one call for prediction on new participants.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from data_prep.dicom_series import (ORIENTATION_ATOL, SPACING_RTOL, DicomSeriesError, SeriesInfo,
-                                    _quiet_pydicom)
+from data_prep.dicom.series import (ORIENTATION_ATOL, SPACING_RTOL, DicomSeriesError,
+                                    SeriesInfo, Selection, _quiet_pydicom, scan_tree,
+                                    select_thigh_series)
 from data_prep.preprocess import rescale_stored
 
 
@@ -50,10 +53,11 @@ def load_volume(series: SeriesInfo, *, stored_values: bool = False
     RescaleSlope/RescaleIntercept are applied per file. With `stored_values`, a series whose
     files share one rescale (the usual case) comes back as its stored integers instead, with
     that rescale in `Geometry.rescale` (no float copy; `apply_recipe(volume, recipe,
-    rescale=geometry.rescale)` gives the float volume's result bit for bit). Raises DicomSeriesError with a `reason` from REASONS when a file is truncated,
-    has no pixel data, cannot be decoded or is not a single greyscale frame, when sizes,
-    pixel spacing or orientation differ between files, when two slices share a position,
-    or when slice spacing is uneven.
+    rescale=geometry.rescale)` gives the float volume's result bit for bit). Raises
+    DicomSeriesError with a `reason` from REASONS when a file is truncated, has no pixel
+    data, cannot be decoded or is not a single greyscale frame, when sizes, pixel spacing or
+    orientation differ between files, when two slices share a position, or when slice
+    spacing is uneven.
     """
     if not series.files:
         raise DicomSeriesError("series has no files", "no_pixel_data")
@@ -229,3 +233,27 @@ def _assemble(slices: list[dict], stored_values: bool = False) -> tuple[np.ndarr
         rescale=rescale,
     )
     return volume, geometry
+
+
+def read_thigh_volume(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    description_patterns: Sequence[str] = (r"THIGH",),
+) -> tuple[np.ndarray, Geometry, Selection]:
+    """One participant's files -> (ordered float32 volume, geometry, selection).
+
+    For prediction on new participants. `source` is a folder holding only that participant
+    or the participant's files (`Participant.paths()` from data_prep.dicom.participants);
+    pass the cohort spec's description patterns. Raises DicomSeriesError when no axial
+    thigh series is found or it cannot be loaded.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        scan = scan_tree(source, keep_patterns=description_patterns)
+    else:
+        files = sorted(Path(p) for p in source)
+        scan = scan_tree(files[0].parent if files else ".", keep_patterns=description_patterns,
+                         files=files)
+    selection = select_thigh_series(scan.series, description_patterns)
+    if selection.series is None:
+        raise DicomSeriesError(selection.note, selection.reason)
+    volume, geometry = load_volume(selection.series)
+    return volume, geometry, selection

@@ -3,14 +3,12 @@
 A spec is a YAML file (data_prep/cohorts/oai.yaml, oai_nda.yaml, somma.yaml, volunteers.yaml);
 write your own for a new cohort or release and pass its path to build_store.py. The keys, the
 missing-code rules and how to map a real release are in data_prep/README.md. Reading a
-cohort's tables with a spec (`load_cohort_table`) is data_prep/tables.py; the name stays
-importable from here.
+cohort's tables with a spec (`load_cohort_table`) is data_prep/cohorts/tables.py.
 
     from data_prep.cohorts import load_spec, select_visit, apply_column_overrides
     spec = select_visit(load_spec("oai"), "24m")                 # folder 24m, prefix V03
     spec = apply_column_overrides(spec, ["leg_strength={V}REMAXF,{V}LEMAXF"])
-    table, report = load_cohort_table(spec, "synth/oai/tables")  # data_prep/tables.py
-    folders = participant_folders("synth/oai/dicom", spec)        # one per participant
+    table, report = load_cohort_table(spec, "synth/oai/tables")  # data_prep/cohorts/tables.py
 
 Spec keys (unknown keys are an error):
     name: cohort name stored with each subject (and mixed into the pseudonym)
@@ -23,7 +21,9 @@ Spec keys (unknown keys are an error):
     missing_values: extra cell values meaning missing (beyond blanks and ".x: ..." codes)
     fields: canonical field -> {column | columns, map, combine, only_if, divide_by, unit,
         uncertain, notes} or null
-    dicom: {visit_folder, series_description: [regex, ...], participant_depth}
+    dicom: {series_description: [regex, ...], visit_folder, participant_tag,
+        participant_depth}: participants are found by header (data_prep/dicom/participants.py),
+        the folder hints only narrow the scan or name participants whose files lack the tag
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-SPEC_DIR = Path(__file__).resolve().parent / "cohorts"
+SPEC_DIR = Path(__file__).resolve().parent  # the built-in specs: data_prep/cohorts/*.yaml
 
 # Canonical measures, their direction ("higher" = a larger raw value is better function)
 # and unit. The single source of truth; the store copies it into its attributes.
@@ -57,7 +57,7 @@ VISIT_KEYS = ("folder", "rows", "V")
 FIELD_KEYS = ("column", "columns", "map", "combine", "only_if", "divide_by", "unit",
               "uncertain", "notes")
 ONLY_IF_KEYS = ("column", "codes")
-DICOM_KEYS = ("visit_folder", "series_description", "participant_depth")
+DICOM_KEYS = ("visit_folder", "series_description", "participant_tag", "participant_depth")
 # Placeholders allowed in column names: {V} = the visit's prefix, {visit} = the visit's name.
 TEMPLATE_VARS = ("V", "visit")
 _PLACEHOLDER = re.compile(r"{([^{}]*)}")
@@ -86,8 +86,27 @@ class CohortSpec:
         return list(self.dicom.get("series_description", []))
 
     @property
+    def participant_tag(self) -> str:
+        """DICOM keyword whose value is the participant key (the table's `key` column)."""
+        return str(self.dicom.get("participant_tag") or "PatientID")
+
+    @property
+    def participant_depth(self) -> int | None:
+        """Folder level below the visit folder whose names are participant keys, used only
+        for images without `participant_tag` (an anonymised tree); None: not used."""
+        depth = self.dicom.get("participant_depth")
+        return None if depth is None else int(depth)
+
+    @property
+    def other_visit_folders(self) -> list[str]:
+        """DICOM folders of the spec's other visits (never scanned for this visit)."""
+        return sorted({str(v["folder"]) for name, v in self.visits.items()
+                       if name != self.visit and v.get("folder")} - {self.visit_folder})
+
+    @property
     def visit_folder(self) -> str | None:
-        """DICOM subfolder of the chosen visit (e.g. `00m`), or None: participants at the root."""
+        """DICOM folder of the chosen visit (e.g. `00m`): `<dicom>/<folder>`, or a folder of
+        that name at any depth (`<ID>/00m/...`); None: every file under the root."""
         if self.visits:
             return self.visits[self.visit].get("folder")
         return self.dicom.get("visit_folder")
@@ -207,9 +226,15 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> CohortSpec:
                 re.compile(p)
             except re.error as exc:
                 problems.append(f"{source}: bad regex {p!r} in dicom.series_description: {exc}")
-    depth = dicom.get("participant_depth", 1)
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        problems.append(f"{source}: dicom.participant_depth must be an integer >= 1, got {depth!r}")
+    depth = dicom.get("participant_depth")
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool)
+                              or depth < 1):
+        problems.append(f"{source}: dicom.participant_depth must be an integer >= 1 (or "
+                        f"absent), got {depth!r}")
+    tag = dicom.get("participant_tag", "PatientID")
+    if not isinstance(tag, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", tag):
+        problems.append(f"{source}: dicom.participant_tag must be a DICOM keyword such as "
+                        f"PatientID, got {tag!r}")
     visits = raw.get("visits") or {}
     visit = raw.get("visit")
     if not isinstance(visits, dict):
@@ -346,31 +371,3 @@ def apply_column_overrides(spec: CohortSpec, overrides: list[str]) -> CohortSpec
     if problems:
         raise CohortSpecError("Invalid column override(s):\n  " + "\n  ".join(problems))
     return spec
-
-
-def participant_folders(dicom_root: str | Path, spec: CohortSpec) -> list[Path]:
-    """One folder per participant: under the visit's folder, `dicom.participant_depth` deep.
-
-    Depth 1 (default) is `<root>/<visit folder>/<participant>`; a release that groups
-    participants in batches (`<visit>/<batch>/<participant>`) uses depth 2.
-    """
-    root = Path(dicom_root)
-    if spec.visit_folder:
-        root = root / spec.visit_folder
-    if not root.is_dir():
-        raise CohortSpecError(f"cohort {spec.name}: DICOM folder {root} for visit "
-                              f"{spec.visit or spec.visit_folder!r} does not exist")
-    folders = [root]
-    for _ in range(int(spec.dicom.get("participant_depth", 1))):
-        folders = sorted(c for f in folders for c in f.iterdir() if c.is_dir())
-    return folders
-
-
-def __getattr__(name: str) -> Any:
-    # load_cohort_table moved to data_prep.tables, which imports this module: resolved on
-    # first use so that `from data_prep.cohorts import load_cohort_table` keeps working
-    # without an import cycle.
-    if name == "load_cohort_table":
-        from data_prep.tables import load_cohort_table
-        return load_cohort_table
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

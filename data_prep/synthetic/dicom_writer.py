@@ -1,9 +1,13 @@
 """DICOM writer of the synthetic cohorts: headers with PHI, axial T1 series and localizer.
 
-Used by data_prep/synth.py (see there for the CLI). One participant's study holds
-    <SeriesNumber of the T1 series, 2..5>/  15 axial slices, SERIES[cohort]["t1"]
-    1/                                      3 coronal slices, LOCALIZER (ingest must ignore)
-Files are extensionless random hex names written in random order. Slice order:
+Used by data_prep/synthetic/cohort.py (CLI: data_prep/synth.py). One participant's study holds
+    <T1 series folder>/         15 axial slices, SERIES[cohort]["t1"], SeriesNumber 2..5
+    <localizer series folder>/  3 coronal slices, LOCALIZER, SeriesNumber 1 (ingest ignores it)
+OAI, as the OAI image release lays it out: `dicom/00m/<batch>/<ID>/<StudyDate>/<series>/<image>`
+with 8-digit series folders and images numbered by InstanceNumber (`001`, ...); the localizer
+may sit in another batch folder (a participant split over two batches). SOMMA:
+`dicom/<ID>/<SeriesNumber>/...`, volunteers the same; their files are extensionless random hex
+names. Files are written in random order. Slice order:
 ImagePositionPatient z increases distal -> proximal; InstanceNumber follows z upwards, or
 downwards when the subject row has z_descending. Stored pixels are uint16 (12 bits); where the
 row has rescale_slope, stored = round((value - intercept) / slope) and RescaleSlope/Intercept
@@ -20,7 +24,8 @@ import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from data_prep.phantom import N_SLICES, ThighAnatomy, render_axial_stack, render_localizer
+from data_prep.synthetic.phantom import (N_SLICES, ThighAnatomy, render_axial_stack,
+                                         render_localizer)
 
 COHORT_CODE = {"oai": 1, "somma": 2, "volunteers": 3}  # seeds per cohort stay independent
 SLICE_MM = 5.0
@@ -114,13 +119,16 @@ def _header(row: pd.Series, seed: int, rng: np.random.Generator) -> dict:
 
 def _write_series(folder: Path, pixels: np.ndarray, common: dict, series: dict,
                   positions: np.ndarray, instances: np.ndarray, orientation: list[float],
-                  rng: np.random.Generator) -> None:
-    """One file per slice, random hex names, written in random order."""
+                  rng: np.random.Generator, numbered: bool = False) -> None:
+    """One file per slice, written in random order: named by InstanceNumber (`001`, OAI)
+    or by random hex strings."""
     folder.mkdir(parents=True, exist_ok=True)
-    names: set[str] = set()
-    while len(names) < len(pixels):
-        names.add(rng.bytes(6).hex().upper())
-    for k, name in zip(rng.permutation(len(pixels)), sorted(names)):
+    hex_names: set[str] = set()
+    while not numbered and len(hex_names) < len(pixels):
+        hex_names.add(rng.bytes(6).hex().upper())
+    order = rng.permutation(len(pixels))  # slice k is written as the next name in order
+    names = [f"{int(instances[k]):03d}" for k in order] if numbered else sorted(hex_names)
+    for k, name in zip(order, names):
         sop = generate_uid(entropy_srcs=[series["SeriesInstanceUID"], str(instances[k])])
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage
@@ -146,18 +154,33 @@ def _write_series(folder: Path, pixels: np.ndarray, common: dict, series: dict,
         ds.save_as(folder / name, enforce_file_format=True)
 
 
+def oai_series_folders(seed: int, pid: str) -> tuple[str, str]:
+    """8-digit series folder names (T1, localizer) as in OAI's image release; their own
+    random stream, so the rest of the participant's files do not depend on them."""
+    rng = derive_rng(seed, COHORT_CODE["oai"], _pid_number(pid), 3)
+    t1 = int(rng.integers(10_000_000, 99_000_000))
+    return str(t1), str(t1 + int(rng.integers(1, 1_000_000)))  # distinct, 8 digits
+
+
 def write_participant(row: pd.Series, cohort_dir: Path, *, seed: int,
-                      matrix: tuple[int, int]) -> Path:
+                      matrix: tuple[int, int], batch: str | None = None,
+                      localizer_batch: str | None = None) -> tuple[Path, Path]:
     """Render and write the axial T1 series and the localizer of one participant.
 
-    Returns the participant's study folder (relative paths go into truth.csv).
+    OAI: `batch` is the batch folder of the T1 series (e.g. `0.C.2`), `localizer_batch` that
+    of the localizer (default: the same). Returns the study folders holding the T1 series
+    and the localizer (relative paths go into truth.csv).
     """
     cohort, pid = row["cohort"], row["id"]
     rng = participant_rng(seed, cohort, pid, "header")
     common = _header(row, seed, rng)
-    study_dir = cohort_dir / "dicom" / pid
+    study_dir = loc_dir = cohort_dir / "dicom" / pid
+    t1_folder = loc_folder = None
     if cohort == "oai":
-        study_dir = cohort_dir / "dicom" / "00m" / pid / common["StudyDate"]
+        visit = cohort_dir / "dicom" / "00m"
+        study_dir = visit / (batch or "0.C.1") / pid / common["StudyDate"]
+        loc_dir = visit / (localizer_batch or batch or "0.C.1") / pid / common["StudyDate"]
+        t1_folder, loc_folder = oai_series_folders(seed, pid)
     stack = render_axial_stack(anatomy_from_row(row), matrix=matrix,
                                rng=participant_rng(seed, cohort, pid, "image"))
     rows, cols = matrix
@@ -182,8 +205,9 @@ def write_participant(row: pd.Series, cohort_dir: Path, *, seed: int,
           "RepetitionTime": 600, "EchoTime": 10, "EchoTrainLength": 1, "FlipAngle": 90,
           "NumberOfAverages": 1, "PixelBandwidth": 130, "PixelSpacing": [dr, dc],
           "WindowCenter": 1200, "WindowWidth": 2400, **rescale}
-    _write_series(study_dir / str(t1["SeriesNumber"]), stored.astype(np.uint16), common, t1,
-                  positions, instances, [1, 0, 0, 0, 1, 0], rng)
+    _write_series(study_dir / (t1_folder or str(t1["SeriesNumber"])), stored.astype(np.uint16),
+                  common, t1, positions, instances, [1, 0, 0, 0, 1, 0], rng,
+                  numbered=cohort == "oai")
     loc = render_localizer(anatomy_from_row(row), size=rows, rng=rng)
     spacing = round(500.0 / rows, 4)
     loc_pos = np.array([[-250.0, y, float(z.mean()) + 250.0] for y in (-20.0, 0.0, 20.0)])
@@ -193,6 +217,6 @@ def write_participant(row: pd.Series, cohort_dir: Path, *, seed: int,
                  "ScanningSequence": "GR", "SequenceVariant": "SP", "MRAcquisitionType": "2D",
                  "SequenceName": "*fl2d1", "SliceThickness": 7, "RepetitionTime": 8.6,
                  "EchoTime": 4, "FlipAngle": 20, "PixelSpacing": [spacing, spacing]}
-    _write_series(study_dir / "1", loc.astype(np.uint16), common, localizer, loc_pos,
-                  np.arange(1, 4), [1, 0, 0, 0, 0, -1], rng)
-    return study_dir
+    _write_series(loc_dir / (loc_folder or "1"), loc.astype(np.uint16), common, localizer,
+                  loc_pos, np.arange(1, 4), [1, 0, 0, 0, 0, -1], rng, numbered=cohort == "oai")
+    return study_dir, loc_dir

@@ -1,13 +1,13 @@
-"""Writing a Zarr slice store: StoreWriter creates, appends to or resumes one (schema and
-reading: data_prep/store.py; ARCHITECTURE.md "Zarr store").
+"""Writing a Zarr slice store: StoreWriter creates, appends to or resumes one (schema:
+schema.py, reading: reader.py; ARCHITECTURE.md "Zarr store").
 
-    from data_prep.store_writer import StoreWriter     # also importable from data_prep.store
+    from data_prep.store import StoreWriter
     writer = StoreWriter.start(path, recipe, build_key=key, append=False)
     writer.add(entry, staged=shard_path, stats=stats, digests=digests)   # per participant
     writer.finish(cohort=..., cohort_summary=..., ingest_problems=..., provenance=...)
 
-Used by data_prep/build_store.py. The journal (data_prep/journal.py) makes a build
-resumable; shard files come from the ingest workers (data_prep/shards.py). Pseudonyms only:
+Used by data_prep/ingest/builder.py. The journal (journal.py) makes a build resumable; shard
+files come from the ingest workers (shards.py). Pseudonyms only:
 nothing written here names a participant otherwise.
 """
 
@@ -22,15 +22,16 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from data_prep.cohorts import MEASURES
-from data_prep.journal import (JOURNAL, JournalWriter, jsonable_rows, read_journal,
-                               write_journal_header)
+from data_prep.cohorts.spec import MEASURES
 from data_prep.preprocess import Recipe
-from data_prep.shards import (create_image_array, is_participant_sharded, remove_stray_shards,
-                              reset_staging, shard_key, write_shard)
-from data_prep.store import (NORM_COLUMNS, REPORT_COLUMNS, SCHEMA_VERSION, STRING_COLUMNS,
-                             StoreError, _subjects_frame, content_hash,
-                             ingest_report_path, open_store, slice_digests)
+from data_prep.store.journal import (JOURNAL, JournalWriter, jsonable_rows, read_journal,
+                                     write_journal_header)
+from data_prep.store.reader import open_store
+from data_prep.store.schema import (NORM_COLUMNS, REPORT_COLUMNS, SCHEMA_VERSION,
+                                    STRING_COLUMNS, StoreError, content_hash,
+                                    ingest_report_path, slice_digests, subjects_frame)
+from data_prep.store.shards import (create_image_array, is_participant_sharded,
+                                    remove_stray_shards, reset_staging, shard_key, write_shard)
 
 
 class StoreWriter:
@@ -40,14 +41,14 @@ class StoreWriter:
     append to a complete one, or resumes an interrupted build of the same `build_key` (a
     fingerprint of cohort, recipe, inputs and salt chosen by the caller). Progress lives in
     the journal `<store>/build_journal.jsonl`: a header line (the build key and, for an
-    append, the store's previous table and attributes) and one line per participant folder,
+    append, the store's previous table and attributes) and one line per participant read,
     written after that participant's image file is in place. Image files are the only data
     written before `finish()`; the slice index arrays, tables and attributes are rewritten
     from the journal by `finish()`, so a kill at any point (even inside finish) leaves a store
     that `open_store` refuses and the next `start` completes, with the previous cohorts'
     slices untouched. The journal holds pseudonyms only (no PHI).
 
-    Sharded stores (`sharded`; data_prep/shards.py): a worker writes a participant's shard
+    Sharded stores (`sharded`; shards.py): a worker writes a participant's shard
     into `<store>/build_staging/` (`staged_path`) and `add(..., staged=...)` only renames it
     to `images/c.<k>.0.0`. The images array's shape is set once, by `finish()` (which also
     deletes stray shards of participants never journaled), so in an unfinished store it is
@@ -167,10 +168,10 @@ class StoreWriter:
     def add(self, entry: dict[str, Any], images: np.ndarray | None = None,
             stats: dict[str, Any] | None = None, digests: list[str] | None = None,
             staged: str | os.PathLike | None = None) -> None:
-        """Record one participant folder: its slices (if ingested), then its journal line.
+        """Record one participant: its slices (if ingested), then its journal line.
 
         Args:
-            entry: JSON-able, pseudonyms only: `folder` (folder pseudonym), `problems`, and
+            entry: JSON-able, pseudonyms only: `participant` (pseudonym), `problems`, and
                 for an ingested participant `row` (subject_id, cohort, canonical fields,
                 pixel spacing).
             images: uint16 (n_slices, rows, cols) for an ingested participant, else None.
@@ -228,7 +229,7 @@ class StoreWriter:
                 self.images.resize((n, *self.recipe.size))
             remove_stray_shards(self.path / "images", n // self.recipe.n_slices)
             shutil.rmtree(self.staging, ignore_errors=True)
-        subjects = _subjects_frame(self.rows)
+        subjects = subjects_frame(self.rows)
         cfg = {"write_empty_chunks": True}
         slice_subject = np.repeat(np.arange(len(subjects), dtype=np.int32),
                                   subjects["slice_count"].to_numpy())

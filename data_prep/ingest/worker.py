@@ -1,15 +1,17 @@
-"""The ingest workers' side of data_prep/build_store.py: one participant folder per job.
+"""The ingest workers: one participant (found by header) per job.
 
-    from data_prep.ingest_worker import ordered_results, process_participant
-    for result in ordered_results(jobs, workers=2):   # jobs: (folder, patterns, recipe, staged)
+    from data_prep.ingest.worker import Job, ordered_results
+    for result in ordered_results(jobs, pool):        # jobs: list[Job], in store order
         ...
 
-A job scans the folder (every file read once: data_prep/dicom_series.py, dicom_fast.py),
-selects and loads the thigh series (dicom_volume.py, stored values), applies the recipe,
-hashes each slice and, for a sharded store, writes the participant's shard file into the
-store's staging folder (shards.write_shard), so the builder only renames it. Results come
-back in job order with at most 2 x workers jobs in flight (bounded memory). A result holds
-PHI (folder name, PatientIDs) in memory only; the builder turns it into pseudonyms.
+A job holds one participant's files (data_prep/dicom/participants.py: grouped by PatientID,
+in any folders) and the problem files given to it. The worker reads every image file once
+(data_prep/dicom/series.py, fast.py), selects and loads the thigh series (volume.py, stored
+values), applies the recipe, hashes each slice and, for a sharded store, writes the
+participant's shard file into the store's staging folder (store/shards.py), so the builder
+only renames it. Results come back in job order with at most 2 x workers jobs in flight
+(bounded memory). A result holds PHI (the key) in memory only; the builder turns it into a
+pseudonym.
 """
 
 from __future__ import annotations
@@ -18,35 +20,49 @@ import ctypes
 import itertools
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep.dicom_series import DicomSeriesError, list_files, scan_tree, select_thigh_series
-from data_prep.dicom_volume import load_volume
+from data_prep.dicom.participants import Participant
+from data_prep.dicom.series import DicomSeriesError, scan_tree, select_thigh_series
+from data_prep.dicom.volume import load_volume
 from data_prep.preprocess import Recipe, apply_recipe
-from data_prep.shards import write_shard
-from data_prep.store import slice_digests
+from data_prep.store.schema import slice_digests
+from data_prep.store.shards import write_shard
+
+
+@dataclass
+class Job:
+    """One participant to ingest. `participant` holds PHI (key, paths): in memory only."""
+
+    participant: Participant
+    patterns: list[str]  # the spec's series description regexes
+    recipe: Recipe
+    staged: Path | None = None  # where to write the shard (StoreWriter.staged_path), or None
 
 
 @dataclass
 class ParticipantResult:
-    """What a worker returns for one participant folder. Holds PHI in memory only."""
+    """What a worker returns for one participant. Holds PHI in memory only."""
 
-    folder: str  # folder name under the DICOM root (PHI: in memory only)
-    key: str | None  # PatientID of the chosen series, else None (PHI: in memory only)
-    keys_seen: list[str] = field(default_factory=list)  # every PatientID in the folder (PHI)
+    key: str  # the participant's key (PatientID; PHI: in memory only)
     images: np.ndarray | None = None
     stats: dict[str, Any] | None = None
     spacing: tuple[float, float] | None = None  # stored pixel spacing (row, col), mm
     digests: list[str] | None = None  # sha256 per stored slice (hashing off the writer)
     staged: str | None = None  # shard file written by the worker (then images is None)
-    # problems: reason (one of store.REASONS), detail, file (index into the folder's sorted
-    # file list, or None for the participant), fatal (participant skipped)
+    # problems: reason (one of store.REASONS), detail, file (index into the participant's
+    # files in sorted path order, problem files included, or None for the participant),
+    # fatal (participant skipped)
     problems: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(p["fatal"] for p in self.problems)
 
 
 def classify_series_error(message: str) -> str:
@@ -64,14 +80,18 @@ def classify_series_error(message: str) -> str:
     return "inconsistent_geometry"  # size, orientation, spacing, positions, frames
 
 
-def process_participant(folder: Path, patterns: list[str], recipe: Recipe) -> ParticipantResult:
-    """Scan one participant's folder, pick and load the thigh series, apply the recipe."""
-    files = list_files(folder)
-    scan = scan_tree(folder, keep_patterns=patterns, files=files)  # each file read once
-    index = {p: i for i, p in enumerate(files)}
-    result = ParticipantResult(folder=folder.name, key=None,
-                               keys_seen=sorted({s.patient_key for s in scan.series
-                                                 if s.patient_key}))
+def process_participant(participant: Participant, patterns: list[str], recipe: Recipe
+                        ) -> ParticipantResult:
+    """Read one participant's files, pick and load the thigh series, apply the recipe."""
+    images = participant.paths()
+    given = {Path(path): (reason, detail) for path, reason, detail in participant.problems}
+    index = {p: i for i, p in enumerate(sorted([*images, *given]))}
+    result = ParticipantResult(key=participant.key)
+    for path, (reason, detail) in sorted(given.items()):
+        result.problems.append({"reason": reason, "detail": detail, "file": index[path],
+                                "fatal": False})
+    root = images[0].parent if images else Path(".")
+    scan = scan_tree(root, keep_patterns=patterns, files=images)  # each file read once
     for s in scan.skipped:
         result.problems.append({"reason": s.category, "detail": s.reason,
                                 "file": index.get(s.path), "fatal": False})
@@ -80,8 +100,10 @@ def process_participant(folder: Path, patterns: list[str], recipe: Recipe) -> Pa
         result.problems.append({"reason": selection.reason, "detail": selection.note,
                                 "file": None, "fatal": True})
         return result
+    if len(selection.candidates) > 1:  # the rule chose one: say which and why
+        result.problems.append({"reason": "several_thigh_series", "detail": selection.note,
+                                "file": None, "fatal": False})
     series = selection.series
-    result.key = series.patient_key or folder.name
     try:
         volume, geometry = load_volume(series, stored_values=True)
         result.images, result.stats = apply_recipe(volume, recipe, rescale=geometry.rescale)
@@ -101,15 +123,14 @@ def process_participant(folder: Path, patterns: list[str], recipe: Recipe) -> Pa
     return result
 
 
-def run_job(args: tuple[Path, list[str], Recipe, Path | None]) -> ParticipantResult:
+def run_job(job: Job) -> ParticipantResult:
     """One job, run in a worker. With a `staged` path (StoreWriter.staged_path: sharded
     stores) the worker writes the participant's shard file there and returns no images, so
     the main process only renames the file (StoreWriter.add(staged=...))."""
-    folder, patterns, recipe, staged = args
-    result = process_participant(folder, patterns, recipe)
-    if staged is not None and result.images is not None:
-        write_shard(result.images, staged)
-        result.staged, result.images = str(staged), None
+    result = process_participant(job.participant, job.patterns, job.recipe)
+    if job.staged is not None and result.images is not None:
+        write_shard(result.images, job.staged)
+        result.staged, result.images = str(job.staged), None
     return result
 
 
@@ -130,17 +151,26 @@ def _worker_init() -> None:
         pass
 
 
-def ordered_results(jobs: list[tuple], workers: int) -> Iterator[ParticipantResult]:
-    """Results in job order; at most 2 x workers participants in flight (bounded memory)."""
+def worker_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The process pool of one build (None: work in this process). The builder uses it for
+    both the header scan (find_participants) and the participants."""
     if workers <= 1:
+        return None
+    return ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+
+
+def ordered_results(jobs: list[Job], pool: Executor | None, workers: int = 1
+                    ) -> Iterator[ParticipantResult]:
+    """Results in job order; at most 2 x workers participants in flight (bounded memory).
+    Without a pool, jobs run one by one in this process. Leaving the loop early cancels the
+    jobs not started."""
+    if pool is None:
         yield from map(run_job, jobs)
         return
-    window = 2 * workers
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+    pending: deque = deque()
+    it = iter(jobs)
     try:
-        pending: deque = deque()
-        it = iter(jobs)
-        for job in itertools.islice(it, window):
+        for job in itertools.islice(it, 2 * max(1, workers)):
             pending.append(pool.submit(run_job, job))
         while pending:
             result = pending.popleft().result()
@@ -148,4 +178,5 @@ def ordered_results(jobs: list[tuple], workers: int) -> Iterator[ParticipantResu
                 pending.append(pool.submit(run_job, job))
             yield result
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for future in pending:
+            future.cancel()

@@ -1,13 +1,13 @@
 """Build journal of a Zarr store: what an unfinished build or append has done so far.
 
-    from data_prep.journal import read_journal
+    from data_prep.store.journal import read_journal
     header, entries = read_journal("data/demo.zarr")   # (None, []) when no build is unfinished
 
 `<store>/build_journal.jsonl` (JOURNAL) exists only while a build or append is unfinished.
 Line 1 is a header: the build key, whether it appends, the cohort, the recipe and `base` (for
 an append, the store's previous subjects, normalisation, slice digests and attributes; empty
-for a new store). Each later line is one participant folder, appended after that
-participant's slices are in place. StoreWriter (data_prep/store.py) writes it and replays it
+for a new store). Each later line is one participant read, appended after that
+participant's slices are in place. StoreWriter (writer.py) writes it and replays it
 to resume; `finish()` deletes it; verify_store reports a leftover one. Pseudonyms only, no PHI.
 
 Durability (JournalWriter): every line is flushed to the OS as it is written, but fsynced at

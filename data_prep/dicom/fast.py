@@ -1,6 +1,6 @@
 """Fast reader for the common DICOM image file, with pydicom as the reference and fallback.
 
-    from data_prep.dicom_fast import read_file
+    from data_prep.dicom.fast import read_file
     found = read_file(path, want_pixels=lambda header: True)   # None: use pydicom instead
     header, pixels = found
 
@@ -12,7 +12,7 @@ values ingest needs (HEADER_TAGS) and, when `want_pixels(header)` says so, reads
 Data straight into a numpy array. It never guesses: anything else -- compressed or
 big-endian transfer syntax, no preamble, multi-frame, colour, other bit depths, a value it
 cannot parse, a file that ends early, odd-length pixel data -- returns None, and the caller
-parses the file with pydicom, which classifies the problem (dicom_series.py). Values and
+parses the file with pydicom, which classifies the problem (series.py). Values and
 pixels equal pydicom's (`str(ds.Keyword)`, `float(ds.Keyword[i])`, `ds.pixel_array`, with
 pydicom's unused-bits correction): tests/data_prep/test_dicom_fast.py checks it file by file
 against pydicom, on pydicom's own test files and on synthetic and corrupted ones.
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 HEAD_BYTES = 16 * 1024  # first read; most headers (Siemens CSA included) fit in 16-64 KiB
+TEXT_HEAD_BYTES = 4 * 1024  # first read of read_text: PatientID usually lies in the first KiB
 MAX_HEADER_BYTES = 4 * 1024 * 1024  # a header larger than this goes to pydicom
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -43,6 +44,7 @@ _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
 _SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
                         b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
                         b"US"))
+_TEXT_VRS = frozenset((b"AE", b"CS", b"LO", b"LT", b"PN", b"SH", b"ST", b"UC", b"UT"))
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _TAG_VR = struct.Struct("<HH2s")
@@ -172,12 +174,85 @@ def _correct_unused_bits(pixels: np.ndarray, allocated: int, stored: int) -> Non
         np.right_shift(pixels, shift, out=pixels)
 
 
-def _parse(buf: bytes) -> FastHeader:
+def read_text(path: str | os.PathLike, tag: int) -> str | None:
+    """The value of one top-level text element (e.g. PatientID, 0x00100020), stripped, as
+    `str(ds.Keyword).strip()` gives it; None when pydicom must answer instead.
+
+    Reads only up to that element (the first few KiB; participants.py calls it for every
+    file of a tree). None: not the Part 10 little-endian file this module reads, another
+    character set, a multi-valued or non-text element, a file that ends early, or the
+    element absent (pydicom confirms an absence, so a file with misordered elements is not
+    misjudged).
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = f.read(min(size, TEXT_HEAD_BYTES))
+            while True:
+                try:
+                    return _find_text(buf, tag)
+                except _NeedMore:
+                    limit = min(size, MAX_HEADER_BYTES)
+                    if len(buf) >= limit:
+                        return None
+                    buf += f.read(min(limit, 4 * len(buf)) - len(buf))
+    except (_Unsupported, OSError, ValueError, KeyError, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _find_text(buf: bytes, tag: int) -> str | None:
+    pos, explicit = _file_meta(buf)
+    charset = b""
+    end = len(buf)
+    while True:
+        if pos + 8 > end:
+            raise _NeedMore
+        if explicit:
+            group, elem, vr, length = _TAG_VR_LEN.unpack_from(buf, pos)
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise _NeedMore
+                start, length = pos + 12, _U32.unpack_from(buf, pos + 8)[0]
+            elif vr in _SHORT_VRS:
+                start = pos + 8
+            else:
+                raise _Unsupported("not a VR")
+            is_sq = vr == b"SQ" or (vr == b"UN" and length == _UNDEFINED)
+        else:
+            group, elem, length = _TAG_LEN.unpack_from(buf, pos)
+            vr, start, is_sq = None, pos + 8, length == _UNDEFINED
+        found = group << 16 | elem
+        if found > tag or group == 0xFFFE:
+            return None  # passed it: absent (or misordered), pydicom confirms
+        if length == _UNDEFINED:
+            if not is_sq:
+                raise _Unsupported("undefined length")
+            pos = _skip_sequence(buf, start, explicit and vr == b"SQ")
+            continue
+        pos = start + length
+        if pos > end:
+            raise _NeedMore
+        if found == 0x00080005:
+            charset = buf[start:pos]
+        elif found == tag:
+            if explicit and vr not in _TEXT_VRS:
+                raise _Unsupported("not a text element")
+            encoding = _ENCODINGS.get(charset.decode("ascii").rstrip(" \x00"))
+            if encoding is None:
+                raise _Unsupported("character set")
+            text = buf[start:pos].decode(encoding)
+            if "\\" in text:
+                raise _Unsupported("multi-valued text")
+            return text.rstrip("\x00 ").strip()
+
+
+def _file_meta(buf: bytes) -> tuple[int, bool]:
+    """(position of the first dataset element, explicit VR?) after the preamble and file
+    meta group; _Unsupported unless Part 10 explicit or implicit VR little endian."""
     if len(buf) < 132:
         raise _NeedMore
     if buf[128:132] != b"DICM":
         raise _Unsupported("no Part 10 preamble")
-    header = FastHeader()
     # file meta: group 0002, always explicit VR little endian
     pos, syntax = 132, None
     while True:
@@ -192,12 +267,14 @@ def _parse(buf: bytes) -> FastHeader:
         if elem == 0x0010:
             syntax = buf[pos:pos + length].rstrip(b"\x00 ").decode("ascii")
         pos += length
-    if syntax == EXPLICIT_LE:
-        explicit = True
-    elif syntax == IMPLICIT_LE:
-        explicit = False
-    else:
+    if syntax not in (EXPLICIT_LE, IMPLICIT_LE):
         raise _Unsupported(f"transfer syntax {syntax}")
+    return pos, syntax == EXPLICIT_LE
+
+
+def _parse(buf: bytes) -> FastHeader:
+    pos, explicit = _file_meta(buf)
+    header = FastHeader()
     values = header.values
     raw: dict[int, bytes] = {}
     end = len(buf)

@@ -1,11 +1,11 @@
 """Check a Zarr slice store and list every problem at once.
 
-    from data_prep.verify import verify_store    # also importable from data_prep.store
+    from data_prep.store import verify_store
     problems = verify_store("data/demo.zarr")     # [] when all is well
 
 `python data_prep/build_store.py --verify STORE` prints the problems and exits 1 if any.
-Reads the store through data_prep.store (open_store, content_hash) and checks it against the
-schema defined there; it never writes.
+Reads the store through reader.py (open_store) and checks it against schema.py (columns,
+REASONS, content_hash); it never writes.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from data_prep.journal import JOURNAL
-from data_prep.shards import STAGING, shard_index_nbytes, written_inner_chunks
-from data_prep.store import (HASH_BLOCK, REASONS, REPORT_COLUMNS, SPACING_COLUMNS,
-                             SUBJECT_COLUMNS, StoreError, ThighStore, content_hash, open_store,
-                             slice_digests)
+from data_prep.store.journal import JOURNAL
+from data_prep.store.reader import ThighStore, open_store
+from data_prep.store.schema import (HASH_BLOCK, REASONS, REPORT_COLUMNS, SPACING_COLUMNS,
+                                    SUBJECT_COLUMNS, StoreError, content_hash, slice_digests)
+from data_prep.store.shards import STAGING, shard_index_nbytes, written_inner_chunks
 
 
 def verify_store(path: str | os.PathLike) -> list[str]:
@@ -157,7 +157,7 @@ def _check_subjects(store: ThighStore, subjects: pd.DataFrame, n: int) -> list[s
 def _written_chunk_rows(images: zarr.Array) -> tuple[set[int], list[str]]:
     """(slice indices whose image chunk exists in the store, shard keys whose index is
     damaged). One chunk per slice, or shards of inner chunks of one slice along axis 0
-    (data_prep/shards.py: index at the end with zarr's default index codecs)."""
+    (shards.py: index at the end with zarr's default index codecs)."""
     from zarr.abc.store import SuffixByteRequest
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
