@@ -75,6 +75,7 @@ class Validator:
 
     def __init__(self, feats: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None:
         self.feats = torch.from_numpy(feats)  # float32 (n, n_feat), shared, not copied
+        self._feats64: torch.Tensor | None = None  # a float64 copy, made once if float64 heads come
         self.labels = labels  # float64 0/1
         unique, inverse = np.unique(rows, return_inverse=True)
         self.perm = np.argsort(inverse, kind="stable")  # slices grouped by subject
@@ -88,7 +89,12 @@ class Validator:
 
     def __call__(self, dw: np.ndarray, db: np.ndarray) -> Scores:
         """Scores of the K heads with logit-difference weights dw (K, n_feat) and biases db (K,)."""
-        feats = self.feats if dw.dtype == np.float32 else self.feats.double()
+        if dw.dtype == np.float32:
+            feats = self.feats
+        else:
+            if self._feats64 is None:
+                self._feats64 = self.feats.double()
+            feats = self._feats64
         d = (feats @ torch.from_numpy(np.ascontiguousarray(dw.T))).numpy().astype(np.float64) + db
         y = self.labels[:, None]
         loss = np.logaddexp(0.0, np.where(y == 1.0, -d, d)).mean(0)  # softplus of the wrong margin
