@@ -106,11 +106,9 @@ def run_old(parts, opt: str, epochs: int, *, check: bool, seed: int = 0) -> dict
     head = features.FeatureHead(model)
     loaders = make_loaders()
     w0 = {k: v.clone() for k, v in model.backbone.fc.state_dict().items()}
-    rss = _rss_kib(), _peak_kib()
-    t0 = time.perf_counter()
+    rss, t0 = (_rss_kib(), _peak_kib()), _clock()
     engine.fit(head, loaders["train"], loaders["val"], epochs=epochs, **OPTS[opt])
-    wall = time.perf_counter() - t0
-    out = {"epochs_run": epochs, "wall_s": wall, "per_epoch_s": wall / epochs, "grew_kib": _grew(rss)}
+    out = {**_since(t0, epochs), "grew_kib": _grew(rss)}
     if not check:
         return out
     # agreement at OAI size: the new trainer over the same epochs from the same start
@@ -143,8 +141,7 @@ def run_torch_analytic(parts, opt: str, k: int, epochs: int, seed: int = 0) -> d
     bw, bb = torch.zeros_like(w), torch.zeros_like(b)
     mom, wd = SGD["momentum"], SGD["weight_decay"]
     orders = ht.shuffle_orders(len(labels), seed)
-    rss = _rss_kib(), _peak_kib()
-    t0 = time.perf_counter()
+    rss, t0 = (_rss_kib(), _peak_kib()), _clock()
     for _ in range(epochs):
         order = torch.from_numpy(next(orders))
         for s in range(0, len(order), 8):
@@ -160,8 +157,7 @@ def run_torch_analytic(parts, opt: str, k: int, epochs: int, seed: int = 0) -> d
             bb.mul_(mom).add_(gb)
             w.sub_(lr * bw)
             b.sub_(lr[:, :, 0] * bb)
-    wall = time.perf_counter() - t0
-    return {"epochs_run": epochs, "wall_s": wall, "per_epoch_s": wall / epochs, "grew_kib": _grew(rss)}
+    return {**_since(t0, epochs), "grew_kib": _grew(rss)}
 
 
 def run_head_trainer(parts, opt: str, k: int, epochs: int, threads: int, dtype: str,
@@ -179,12 +175,9 @@ def run_head_trainer(parts, opt: str, k: int, epochs: int, threads: int, dtype: 
     ht.fit_heads(tiny, tiny, [configs[0].__class__(**{**configs[0].__dict__, "epochs": 1})],
                  weight=fc.weight, bias=fc.bias, dtype=dtype)
     first = time.perf_counter() - t0
-    rss = _rss_kib(), _peak_kib()
-    t0 = time.perf_counter()
+    rss, t0 = (_rss_kib(), _peak_kib()), _clock()
     ht.fit_heads(train, val, configs, weight=fc.weight, bias=fc.bias, threads=threads, dtype=dtype)
-    wall = time.perf_counter() - t0
-    return {"epochs_run": epochs, "wall_s": wall, "per_trial_s": wall / k, "first_call_s": first,
-            "grew_kib": _grew(rss)}
+    return {**_since(t0, epochs), "first_call_s": first, "grew_kib": _grew(rss)}
 
 
 def child(args) -> None:
@@ -218,6 +211,17 @@ def _compile_time(parts) -> dict[str, Any]:
         ht.fit_head(f, y, r, f, y, r, weight=np.zeros((2, N_FEAT)), bias=np.zeros(2), epochs=1,
                     batch_size=8, **OPTS[opt])
     return {"import_s": imported, "first_calls_s": time.perf_counter() - t0}
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t0: tuple[float, float], epochs: int) -> dict[str, float]:
+    """Wall and CPU seconds (all threads of the process) since t0, and per epoch."""
+    wall, cpu = time.perf_counter() - t0[0], time.process_time() - t0[1]
+    return {"epochs_run": epochs, "wall_s": wall, "cpu_s": cpu, "per_epoch_s": wall / epochs,
+            "cpu_per_epoch_s": cpu / epochs}
 
 
 def _grew(before: tuple[int, int]) -> int:
@@ -349,11 +353,30 @@ def plan(args) -> list[dict[str, Any]]:
     return specs
 
 
-def per_trial(m: dict[str, Any], spec: dict[str, Any], epochs: int) -> float:
-    """Seconds per trial of --epochs epochs (old / torch analytic: extrapolated per epoch)."""
-    if spec["method"] == "ht":
-        return m["per_trial_s"]
-    return m["per_epoch_s"] * epochs / spec.get("k", 1)
+def per_trial(m: dict[str, Any], spec: dict[str, Any], epochs: int, what: str = "wall") -> float:
+    """Wall (or CPU) seconds per trial of --epochs epochs, from the per-epoch time (exact for
+    head_trainer, which ran them all; extrapolated for old and torch analytic)."""
+    per_epoch = m["per_epoch_s"] if what == "wall" else m["cpu_per_epoch_s"]
+    return per_epoch * epochs / spec.get("k", 1)
+
+
+def summarize(specs, runs, epochs: int) -> list[dict[str, Any]]:
+    """Medians over rounds, and speed-ups against the old path of the same optimiser, threads
+    and round (paired)."""
+    old_of = {(sp["opt"], sp["threads"]): i for i, sp in enumerate(specs) if sp["method"] == "old"}
+    rows = []
+    for sp, ms in zip(specs, runs):
+        olds = runs[old_of[(sp["opt"], sp["threads"])]]
+        ratio = {what: float(np.median([per_trial(o, sp | {"k": 1}, epochs, what) / per_trial(m, sp, epochs, what)
+                                        for o, m in zip(olds, ms)])) for what in ("wall", "cpu")}
+        rows.append({**sp, "wall_s": float(np.median([per_trial(m, sp, epochs) for m in ms])),
+                     "cpu_s": float(np.median([per_trial(m, sp, epochs, "cpu") for m in ms])),
+                     "speedup_wall": ratio["wall"], "speedup_cpu": ratio["cpu"],
+                     "peak_rss_mib": max(m["peak_rss_mib"] for m in ms),
+                     "peak_growth_mib": max(m["grew_kib"] / 1024 for m in ms),
+                     "max_abs_dp": next((m["max_abs_dp"] for m in ms if "max_abs_dp" in m), None),
+                     "rounds": ms})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -399,28 +422,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           extra=extra)
                 runs[i].append(m)
                 print(f"  round {r + 1}, {sp['threads']} thread(s), {sp['label']}: "
-                      f"{per_trial(m, sp, args.epochs):.3f} s/trial (load {m['load_1min']:.1f})", flush=True)
+                      f"{per_trial(m, sp, args.epochs):.3f} s/trial wall, "
+                      f"{per_trial(m, sp, args.epochs, 'cpu'):.3f} s CPU (load {m['load_1min']:.1f})", flush=True)
 
-    rows, by_label = [], {}
-    for sp, ms in zip(specs, runs):
-        t = float(np.median([per_trial(m, sp, args.epochs) for m in ms]))
-        peak = max(m["peak_rss_mib"] for m in ms)
-        base = float(np.median([m["rss_after_load_mib"] for m in ms]))
-        grew = max(m["grew_kib"] / 1024 for m in ms)
-        dp = next((m["max_abs_dp"] for m in ms if "max_abs_dp" in m), None)
-        rows.append({**sp, "per_trial_s": t, "all_s": [per_trial(m, sp, args.epochs) for m in ms],
-                     "peak_rss_mib": peak, "rss_after_load_mib": base, "peak_growth_mib": grew,
-                     "max_abs_dp": dp})
-        by_label[(sp["label"], sp["threads"])] = t
-    print(f"\nper trial of {args.epochs} epochs (median of {args.repeat} rounds); old = extrapolated "
-          f"from {args.old_epochs} epochs, torch analytic from 1:")
-    print("| method | threads | s / trial | vs old (same optimiser) | peak RSS MiB | of it, growth in the timed call |")
-    print("|---|---|---|---|---|---|")
+    rows = summarize(specs, runs, args.epochs)
+    print(f"\nper trial of {args.epochs} epochs, median of {args.repeat} rounds (old: extrapolated from "
+          f"{args.old_epochs} epochs, torch analytic from 1); speed-up = median of each round's own ratio")
+    print("| method | threads | wall s / trial | CPU s / trial | speed-up wall | speed-up CPU | peak RSS MiB "
+          "| RSS growth in the call MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        opt = "AdamW" if row["opt"] == "adamw" else "SGD"
-        old = by_label.get((f"old: engine.fit + torch.optim, {opt}", row["threads"]))
-        print(f"| {row['label']} | {row['threads']} | {row['per_trial_s']:.3f} | {old / row['per_trial_s']:.0f}x | "
-              f"{row['peak_rss_mib']:.0f} | {row['peak_growth_mib']:.0f} |")
+        print(f"| {row['label']} | {row['threads']} | {row['wall_s']:.3f} | {row['cpu_s']:.3f} | "
+              f"{row['speedup_wall']:.0f}x | {row['speedup_cpu']:.0f}x | {row['peak_rss_mib']:.0f} | "
+              f"{row['peak_growth_mib']:.0f} |")
     for row in rows:
         if row["max_abs_dp"] is not None:
             print(f"old vs head_trainer at this size, {row['opt']}, {row['threads']} thread(s), after "
