@@ -319,6 +319,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--old-epochs", type=int, default=2, help="epochs the torch loop runs (extrapolated)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", type=int, default=2, help="rounds over all methods (medians reported)")
+    p.add_argument("--only", nargs="+", help="run only methods whose label contains one of these")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     # child mode (internal)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -350,6 +351,8 @@ def plan(args) -> list[dict[str, Any]]:
         for sp in specs[-11:]:
             sp["threads"] = t
             sp.setdefault("epochs", args.epochs)
+    if args.only:
+        specs = [sp for sp in specs if any(o in sp["label"] for o in args.only)]
     return specs
 
 
