@@ -26,6 +26,10 @@ earlier epoch). Float32 like the torch head; rounding differs by operation order
 How (measured in benchmarks/head_trainer.py): numba-compiled epochs (study/head_kernels.py)
 that train the logit difference only; several configurations that share the batch order (same
 seed and batch size) run in one pass over the data, optionally on several threads.
+
+Scope: freeze="fc" heads only (one Linear, two classes); layer4/layer3 heads stay on engine.fit.
+The kernels compile on first use (10-17 s) and are cached next to this file in __pycache__
+(or in $NUMBA_CACHE_DIR); later processes load them in under a second.
 """
 
 from __future__ import annotations
