@@ -91,13 +91,16 @@ def print_plan(grid: GridConfig, store, plans: list[CellPlan]) -> None:
 
 
 def resume_command(args) -> str:
-    parts = [sys.executable, "study/launch.py", "--grid", args.grid]
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("launch.py") else "study/launch.py"
+    parts = [sys.executable, script, "--grid", args.grid]
     for o in args.overrides:
         parts += ["--set", o]
     if args.tracking_uri:
         parts += ["--tracking-uri", args.tracking_uri]
     if args.ray_address:
         parts += ["--ray-address", args.ray_address]
+    if args.num_cpus:
+        parts += ["--num-cpus", str(args.num_cpus)]
     return " ".join(shlex.quote(p) for p in parts) + " --resume"
 
 
@@ -212,7 +215,7 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
             ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus, namespace=progress.NAMESPACE,
                      include_dashboard=False, log_to_driver=False)
         problems = preflight.check_cluster(grid, store_hash=store.content_hash, tracking_uri=tracking_uri,
-                                           storage_path=storage_base, remote=bool(args.ray_address))
+                                           storage_path=storage_base)
         if problems:
             print(f"error: {grid.source}: {len(problems)} problem(s) with this cluster (nothing was started):\n  - "
                   + "\n  - ".join(problems), file=sys.stderr)
@@ -243,7 +246,7 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
         finally:
             display.close()
         rows = {**kept, **rows}
-        ordered = [rows[p.cell.name] for p in plans if p.cell.name in rows]
+        ordered = [{**p.counts(), **rows[p.cell.name]} for p in plans if p.cell.name in rows]
         df = write_results(client, launch_id, grid, ordered)
         if signum is not None:
             tracking.end_open_tree(client, exp_id, launch_id)
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     # one "View run" line per cell and trial buries the results table; the launch prints
     # the launch run's UI link instead (set this to false to get them back)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our display owns the terminal
     # Tune's experiment snapshot (trial states, searcher) every few seconds, not every 10+ s:
     # a driver killed without warning then loses at most that much bookkeeping on --resume
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")

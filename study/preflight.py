@@ -1,13 +1,12 @@
 """Refuse, before any MLflow run or Ray trial exists, what could never run on this cluster.
 
-    problems = check_cluster(grid, store_hash=..., tracking_uri=..., storage_path=..., remote=...)
+    problems = check_cluster(grid, store_hash=..., tracking_uri=..., storage_path=...)
 
 Checked against the cluster Ray reports (after ray.init), every problem listed at once with
 the value at fault and what the cluster has:
 - resources_per_trial that fit no alive node (e.g. a GPU fraction on a cluster without GPUs,
   which would otherwise leave every trial PENDING for ever);
-- on a multi-node cluster: a loopback or file tracking URI, which workers on other nodes
-  cannot reach;
+- nodes on other machines and a loopback or file tracking URI, which they cannot reach;
 - on every node (a zero-CPU probe task pinned to it): the store opens with the expected
   content hash, the Tune storage path is the same folder the driver sees (a probe file
   written here must be visible there), the tracking server answers, and the ResNet18
@@ -102,8 +101,7 @@ def probe_node(*, store: str, store_hash: str, probe_file: str | None, tracking_
     return problems
 
 
-def check_cluster(grid, *, store_hash: str, tracking_uri: str, storage_path: str,
-                  remote: bool) -> list[str]:
+def check_cluster(grid, *, store_hash: str, tracking_uri: str, storage_path: str) -> list[str]:
     """Every reason this grid cannot run on the Ray cluster the driver is connected to.
 
     Args:
@@ -111,7 +109,6 @@ def check_cluster(grid, *, store_hash: str, tracking_uri: str, storage_path: str
         store_hash: the content hash of the store the driver opened.
         tracking_uri: where trials will log.
         storage_path: the base of Tune's storage (a path or a URL such as s3://).
-        remote: the driver joined an existing cluster (--ray-address).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -119,10 +116,11 @@ def check_cluster(grid, *, store_hash: str, tracking_uri: str, storage_path: str
     nodes = alive_nodes()
     res = grid.resources_per_trial
     problems = resource_problems(res.cpu, res.gpu, nodes)
-    multi = remote or len(nodes) > 1
-    if multi and is_loopback(tracking_uri):
-        problems.append(f"tracking URI {tracking_uri!r} is local to this machine, but trials run on a cluster "
-                        f"({len(nodes)} node(s)); point --tracking-uri (or MLFLOW_TRACKING_URI) at a server every "
+    here = ray.util.get_node_ip_address()
+    elsewhere = sorted({n.get("NodeManagerAddress", "?") for n in nodes} - {here})
+    if elsewhere and is_loopback(tracking_uri):
+        problems.append(f"tracking URI {tracking_uri!r} is local to this machine ({here}), but trials also run on "
+                        f"{', '.join(elsewhere)}; point --tracking-uri (or MLFLOW_TRACKING_URI) at a server every "
                         "node reaches")
     probe_file = None
     if "://" not in storage_path:

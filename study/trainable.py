@@ -133,7 +133,7 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
     saved = load_checkpoint(tune.get_checkpoint())
     client = MlflowClient(ctx.tracking_uri)
     run_id, logged = _trial_run(client, ctx, train, saved)
-    status = "FAILED"
+    status, stopped = "FAILED", [False]
     try:
         store = open_store(ctx.store)
         if ctx.protocol == "nested_cv":
@@ -151,6 +151,16 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
         last_checkpoint = [time.monotonic()]
         reported = [0]
 
+        def to_tune(report: dict, payload: dict | None = None) -> None:
+            try:  # Tune stops a trial (scheduler, interrupted launch) by failing its next report
+                if payload is None:
+                    tune.report(report)
+                else:
+                    _report_with_checkpoint(report, payload)
+            except BaseException:
+                stopped[0] = True
+                raise
+
         def on_epoch(epoch: int, metrics: dict[str, float], st: FitState) -> None:
             report = epoch_report(metrics, st)
             if epoch not in logged:
@@ -159,18 +169,18 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
                    or time.monotonic() - last_checkpoint[0] >= ctx.checkpoint_interval_s)
             reported[0] += 1
             if due:
-                _report_with_checkpoint(report, _checkpoint(train, run_id, fit_model, model, how, st))
+                to_tune(report, _checkpoint(train, run_id, fit_model, model, how, st))
                 last_checkpoint[0] = time.monotonic()
             else:
-                tune.report(report)
+                to_tune(report)
 
         result = fit(fit_model, loaders["train"], loaders["val"], train, device=device,
                      on_epoch=on_epoch, state=state)
         if not reported[0]:  # restored after its last epoch: nothing left to train, say so once
-            tune.report(epoch_report(result["history"][-1], result["state"]))
+            to_tune(epoch_report(result["history"][-1], result["state"]))
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
+        client.set_terminated(run_id, "KILLED" if stopped[0] else status)
 
 
 def epoch_report(metrics: dict[str, float], st) -> dict[str, float]:
