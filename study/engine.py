@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -233,7 +234,8 @@ def fit(
         device: torch device.
         on_epoch: called as on_epoch(epoch, metrics, state) after each epoch (epoch counts
             from 1; metrics: train_loss, val_loss, val_slice_acc, val_subject_acc,
-            val_subject_balanced_acc, val_subject_auroc; state: the FitState to checkpoint).
+            val_subject_balanced_acc, val_subject_auroc, time_s (the epoch's compute);
+            state: the FitState to checkpoint).
             It may raise to abort (weights are then left as trained), or return True to stop
             early (the best weights are still restored).
         state: a FitState from a checkpoint: continue after its epoch. The caller has
@@ -260,6 +262,7 @@ def fit(
         if st.torch_rng_state is not None:
             torch.set_rng_state(st.torch_rng_state)
     for epoch in range(st.epoch + 1, epochs + 1):
+        started = time.perf_counter()
         metrics: dict[str, float] = {"epoch": epoch}
         metrics["train_loss"] = train_one_epoch(model, train_loader, opt, device=device)
         if val_loader is not None:
@@ -273,6 +276,7 @@ def fit(
             metrics.update(val_loss=math.nan, val_slice_acc=math.nan, val_subject_acc=math.nan,
                            val_subject_balanced_acc=math.nan, val_subject_auroc=math.nan)
             key = (float(epoch),)
+        metrics["time_s"] = time.perf_counter() - started  # training + validation compute
         st.history.append(metrics)
         st.epoch = epoch
         if st.best_key is None or key > tuple(st.best_key):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +120,25 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
 
     from data_prep.store import open_store
 
+    clock = [time.perf_counter()]
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:  # where a cell's closing minutes go, logged as time_*_s
+        now = time.perf_counter()
+        seconds[f"time_{name}_s"] = now - clock[0]
+        clock[0] = now
+
     best = best_result(results)
     replication = grid.protocol == "seed_replication"
     eval_ctx = validation_as_reported(ctx) if replication else ctx
     model, test_metrics, chosen, predictions = evaluate_selected(eval_ctx, best)
+    lap("test_eval")
     try:
         extra_metrics = size_and_saliency(eval_ctx, client, model, chosen["train"], predictions)
     except Exception as exc:  # the CNN's own result still counts without the comparisons
         client.set_tag(ctx.cell_run_id, "size_saliency_error", f"{type(exc).__name__}: {exc}"[:5000])
         extra_metrics = {}
+    lap("size_saliency")
     summary = {"best_val_acc": best.metrics["best_val_acc"], "best_val_loss": best.metrics["best_val_loss"],
                "best_epoch": chosen["epoch"], "n_trials": len(results),
                "n_trials_failed": sum(r.error is not None for r in results), **test_metrics, **extra_metrics}
@@ -151,6 +162,8 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
     with mlflow.start_run(run_id=ctx.cell_run_id):
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                         metadata=metadata, pip_requirements=["torch", "torchvision"])
+    lap("log_model")
+    tracking.log_metrics(client, ctx.cell_run_id, seconds)
     client.set_tag(ctx.cell_run_id, "model_uri", info.model_uri)
     return {"cell": ctx.cell.name, **ctx.cell.axes, **summary, "model_uri": info.model_uri,
             "reported_partition": partition, "cell_run_id": ctx.cell_run_id, "status": "ok", **chosen_params}

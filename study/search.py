@@ -128,7 +128,10 @@ def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_co
         trainable,
         tune_config=tune.TuneConfig(metric="best_val_score", mode="max", search_alg=searcher,
                                     scheduler=scheduler, num_samples=grid.trials_per_cell,
-                                    max_concurrent_trials=max_concurrent),
+                                    max_concurrent_trials=max_concurrent,
+                                    # a finished trial's worker takes the cell's next trial: no new
+                                    # process, no second import of torch (seconds per trial)
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=ctx.cell.name, storage_path=storage_path, verbose=0,
             callbacks=[progress.tune_callback(ctx.cell.name, ctx.progress_hub)],

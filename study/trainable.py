@@ -126,6 +126,7 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
     from study.engine import FitState, fit
     from study.model import seed_everything
 
+    entered = time.perf_counter()
     train = resolve_train_config(ctx.train, config)
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     seed_everything(train.seed)
@@ -150,6 +151,7 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
             state = FitState.from_dict(saved["fit"])
         last_checkpoint = [time.monotonic()]
         reported = [0]
+        setup_s = time.perf_counter() - entered
 
         def to_tune(report: dict, payload: dict | None = None) -> None:
             try:  # Tune stops a trial (scheduler, interrupted launch) by failing its next report
@@ -178,6 +180,10 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
                      on_epoch=on_epoch, state=state)
         if not reported[0]:  # restored after its last epoch: nothing left to train, say so once
             to_tune(epoch_report(result["history"][-1], result["state"]))
+        ran = result["history"][len(result["history"]) - reported[0]:]  # this attempt's epochs
+        tracking.log_metrics(client, run_id, {  # where the trial's time went (benchmarks/launch_overhead.py)
+            "time_setup_s": setup_s, "time_compute_s": sum(h.get("time_s", 0.0) for h in ran),
+            "time_trial_s": time.perf_counter() - entered})
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, "KILLED" if stopped[0] else status)

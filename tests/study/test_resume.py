@@ -31,7 +31,33 @@ def epochs(client, run_id) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
 
 
-def check_complete(client, exp_id, n_cells: int, trials: int, n_epochs: int) -> list:
+def lopsided_seed(grid_path, trials: int) -> int:
+    """A split seed whose Optuna draws give the somma cell only 1-epoch trials and the oai cell
+    more 6-epoch ones: somma then finishes while oai still trains (so the kill finds both).
+
+    Random start-up draws depend only on the sampler seed (study.search.cell_seed), so this
+    asks Optuna exactly as the cell's OptunaSearch will."""
+    import optuna
+
+    from study.config import load_grid
+    from study.search import cell_seed, optuna_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = optuna_space(load_grid(grid_path).search)  # in the file's order: the draws depend on it
+
+    def draws(cell: str, seed: int) -> list[int]:
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
+            seed=cell_seed(cell, seed), n_startup_trials=trials))
+        return [study.ask(fixed_distributions=space).params["epochs"] for _ in range(trials)]
+
+    for seed in range(200):
+        if max(draws("somma__leg_strength__sex-all__bmi-all", seed)) == 1 and \
+                sum(draws("oai__leg_strength__sex-all__bmi-all", seed)) >= 6 * (trials - 1):
+            return seed
+    pytest.fail("no split seed gives lopsided draws; widen the search")
+
+
+def check_complete(client, exp_id, n_cells: int, trials: int, n_epochs: int | None = None) -> list:
     """Every run finished; each cell has exactly `trials` trial runs, each epoch logged once."""
     runs = runs_of(client, exp_id)
     assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
@@ -42,7 +68,9 @@ def check_complete(client, exp_id, n_cells: int, trials: int, n_epochs: int) -> 
         mine = [t for t in trial_runs if t.data.tags["mlflow.parentRunId"] == cell.info.run_id]
         assert len(mine) == trials, cell.info.run_name
         for t in mine:  # no epoch trained-and-logged twice, none missing
-            assert epochs(client, t.info.run_id) == list(range(1, n_epochs + 1)), t.info.run_name
+            n = n_epochs or int(t.data.params["epochs"])
+            assert epochs(client, t.info.run_id) == list(range(1, n + 1)), t.info.run_name
+            assert len(client.get_metric_history(t.info.run_id, "val_acc")) == n
     return trial_runs
 
 
@@ -50,8 +78,10 @@ def test_sigkill_mid_study_then_resume_keeps_finished_cells(two_cohort_store, ml
     from mlflow.tracking import MlflowClient
 
     url = mlflow_server.url
-    grid = write_grid(tmp_path / "resume_kill.yaml", two_cohort_store,
-                      grid={"cohort": ["oai", "somma"], "measure": ["leg_strength"]})
+    spec = dict(search={"lr": {"loguniform": [1e-3, 1e-2]}, "epochs": {"choice": [1, 6]}}, trials_per_cell=3,
+                optuna_startup_trials=3, grid={"cohort": ["oai", "somma"], "measure": ["leg_strength"]})
+    grid = write_grid(tmp_path / "resume_kill.yaml", two_cohort_store, **spec)
+    grid = write_grid(grid, two_cohort_store, **spec, split={"seed": lopsided_seed(grid, trials=3)})
     storage = short_tmp / "kill"
     first = Launch(launch_args(grid, url, storage), tmp_path / "first.log")
     client = MlflowClient(url)
@@ -83,7 +113,7 @@ def test_sigkill_mid_study_then_resume_keeps_finished_cells(two_cohort_store, ml
     resumed = Launch(launch_args(grid, url, storage, "--resume", "--results", str(results)), tmp_path / "resumed.log")
     assert resumed.wait() == 0, resumed.output()[-3000:]
 
-    trial_runs = check_complete(client, exp_id, n_cells=2, trials=2, n_epochs=4)
+    trial_runs = check_complete(client, exp_id, n_cells=2, trials=3)
     assert len(runs_of(client, exp_id, "tags.run_type = 'launch'")) == 1  # the same launch, not a new one
     again = client.get_run(finished.info.run_id)
     assert again.data.metrics == finished.data.metrics  # kept as it was, not recomputed
