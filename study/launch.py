@@ -237,8 +237,10 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
             print(f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {len(contexts)} cell(s) to run"
                   + (f", {len(kept)} kept from before" if kept else "") + f"; up to {max_conc} trial(s) per cell at once",
                   flush=True)
+        done_before = {c.cell.name: len(tracking.children(client, exp_id, c.cell_run_id, "attributes.status = 'FINISHED'"))
+                       for c in contexts} if prior is not None else {}
         display = progress.Display([c.cell.name for c in contexts], trials=grid.trials_per_cell,
-                                   epochs=grid.train.epochs, quiet=args.quiet)
+                                   epochs=grid.train.epochs, quiet=args.quiet, done_before=done_before)
         try:
             rows, signum = run_cells(contexts, grid, storage_path=storage_path, max_concurrent=max_conc,
                                      client=client, launch_run_id=launch_id, display=display, hub=hub,

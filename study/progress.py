@@ -115,18 +115,24 @@ class Display:
         cells: names of the cells that run in this session (cells kept from an earlier
             session of a resumed launch are not counted).
         trials, epochs: per cell, for the totals and the ETA.
+        done_before: trials of a resumed cell that finished in an earlier session.
         quiet: print nothing but what the caller prints itself.
         stream: where to write (default stdout); bars only when it is a terminal.
     """
 
     def __init__(self, cells: list[str], *, trials: int, epochs: int, quiet: bool = False,
-                 stream=None, kept: int = 0) -> None:
+                 stream=None, done_before: dict[str, int] | None = None) -> None:
         self.stream = stream or sys.stdout
         self.quiet = quiet
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) and not quiet
         self.cells = {c: CellProgress(trials=trials, epochs=epochs) for c in cells}
+        for name, n in (done_before or {}).items():  # a resumed cell's trials finished earlier
+            if name in self.cells:
+                cell = self.cells[name]
+                cell.done = n
+                cell.iterations.update({f"earlier-{i}": epochs for i in range(n)})
+                cell.first_seen.update({f"earlier-{i}": epochs for i in range(n)})
         self.start = time.time()
-        self.kept = kept
         self._bars: dict[str, Any] = {}
         self._cache_reported: dict[str, int] = {}
         if self.tty:

@@ -86,6 +86,13 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
         client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    """Several tags in one request: readers never see some of them without the others."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
 def log_metric_steps(client: MlflowClient, run_id: str, steps: dict[int, dict[str, float]]) -> None:
     """Several steps' metrics in as few requests as possible (a resumed trial's backlog)."""
     from mlflow.entities import Metric

@@ -227,9 +227,8 @@ def _trial_run(client, ctx: CellContext, train: TrainConfig, saved: dict | None)
     run = client.get_run(run_id)
     tracking.reopen(client, run_id)
     attempt = int(run.data.tags.get("attempt", "1")) + 1
-    for key, value in {**tags, "attempt": str(attempt),
-                       "resumed_from_epoch": str((saved or {}).get("epoch", 0))}.items():
-        client.set_tag(run_id, key, value)
+    tracking.set_tags(client, run_id, {**tags, "resumed_from_epoch": str((saved or {}).get("epoch", 0)),
+                                       "attempt": str(attempt)})
     return run_id, {m.step for m in client.get_metric_history(run_id, "val_acc")}
 
 

@@ -108,3 +108,12 @@ def test_resource_problems(cpu, gpu, nodes, expect):
 ])
 def test_loopback_tracking_uris(uri, loopback):
     assert preflight.is_loopback(uri) is loopback
+
+
+def test_a_resumed_cell_counts_its_earlier_trials():
+    out = io.StringIO()
+    display = progress.Display(["a"], trials=3, epochs=4, stream=out, done_before={"a": 2})
+    display.update(events("a", "t3", [3, 4], end=4))  # restored from its epoch-2 checkpoint
+    assert "a: trial 3/3 done after 4 epoch(s)" in out.getvalue()
+    totals = display.totals()
+    assert totals["trials_done"] == 3 and totals["done"] == 12 and totals["total"] == 12
