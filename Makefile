@@ -10,7 +10,7 @@ DEMO_SUBJECTS ?= 160
 DEMO_SEED ?= 7
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-data demo-store demo-study demo-null test test-fast mlflow-start mlflow-stop mlflow-status clean-demo
+.PHONY: venv system-deps demo demo-data demo-store demo-study demo-null test test-fast mlflow-start mlflow-stop mlflow-status clean-demo
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
+
+# Debian packages the tests need, installed when missing: PostgreSQL (a lab's backend store,
+# started by tests/conftest.py) and Chromium (tests/mlflow_server/test_ui_browser.py).
+system-deps:
+	@need=(); \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql); \
+	test -x /usr/bin/chromium || need+=(chromium); \
+	if [ $${#need[@]} -gt 0 ]; then \
+	    sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	    echo "installing $${need[*]} (apt-get)"; \
+	    $$sudo apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq "$${need[@]}" >/dev/null; \
+	fi
 
 # The synthetic cohort: real DICOM (OAI-, SOMMA-like and 8 volunteers) + tables in real conventions.
 demo-data: venv
@@ -55,14 +68,16 @@ demo-null: venv
 	$(PY) study/launch.py --grid ablations/demo.yaml --set store=$(NULL)/store.zarr --set name=demo_null \
 	    --results runs/demo_null_cells.csv
 
-test: venv
+test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# e.g. make mlflow-start MLFLOW_ARGS="--auth --backend-store-uri postgresql://mlflow@db.lab.example.org/mlflow"
+MLFLOW_ARGS ?=
 mlflow-start: venv
-	$(PY) -m mlflow_server start
+	$(PY) -m mlflow_server start $(MLFLOW_ARGS)
 mlflow-stop: venv
 	$(PY) -m mlflow_server stop
 mlflow-status: venv

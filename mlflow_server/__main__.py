@@ -1,4 +1,5 @@
-"""``python -m mlflow_server start|stop|status [--home DIR] [--port N]``; see server.py."""
+"""``python -m mlflow_server start|stop|status [--home DIR] [--port N] [--auth] [--backend-store-uri URI]``;
+see server.py and README.md."""
 
 import sys
 

@@ -24,12 +24,13 @@ RUN_NAME_TAG = "mlflow.runName"
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the local server (started if needed)."""
-    if explicit:
-        return explicit
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the local server (started if needed).
+
+    For the local server run with --auth this also sets its credentials in os.environ.
+    """
     from mlflow_server.server import ensure_tracking_uri
 
-    return ensure_tracking_uri()
+    return ensure_tracking_uri(explicit)
 
 
 def code_version() -> str:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real MLflow tracking server for the session, and short temp dirs for Ray.
+"""Shared fixtures: a real MLflow tracking server for the session, a real PostgreSQL, and short
+temp dirs for Ray.
 
 Tests that log to the server set ``MLFLOW_TRACKING_URI`` themselves (``monkeypatch.setenv``);
 nothing here sets it globally.
@@ -6,8 +7,13 @@ nothing here sets it globally.
 
 from __future__ import annotations
 
+import glob
+import os
+import secrets
 import shutil
+import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,3 +63,98 @@ def short_tmp() -> Path:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def require_tool(path: str | None, what: str, install: str) -> str:
+    """``path`` if it exists; else fail in CI (``.ci/run`` installs it) and skip elsewhere, with how."""
+    if path and os.path.exists(path):
+        return path
+    message = f"{what} not found; install it with `{install}` (.ci/run does)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@dataclass(frozen=True)
+class Postgres:
+    """A running PostgreSQL cluster with a database ``database`` owned by role ``user``.
+
+    ``uri`` has no password: the role's ``password`` reaches clients through ``$PGPASSWORD``
+    or a ``.pgpass`` file, as in a lab's setup. ``psql`` runs SQL as the superuser.
+    """
+
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+    socket_dir: Path
+    bin_dir: Path
+
+    @property
+    def uri(self) -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+    def psql(self, sql: str, database: str | None = None) -> str:
+        """Run ``sql`` over the unix socket as the superuser; its unaligned, tuples-only output."""
+        result = subprocess.run(
+            [str(self.bin_dir / "psql"), "-h", str(self.socket_dir), "-p", str(self.port), "-U", "postgres",
+             "-d", database or self.database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
+            capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"psql failed ({result.returncode}): {result.stderr}")
+        return result.stdout.strip()
+
+
+def _postgres_bin_dir() -> Path:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                                                        key=lambda p: int(p.split("/")[-3]), reverse=True)), None)
+    return Path(require_tool(found, "PostgreSQL (initdb)", "apt-get install -y postgresql")).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Postgres:
+    """A real PostgreSQL (Debian's ``postgresql``) in a temp dir for the session, on a free port.
+
+    Listens on 127.0.0.1 (password auth, scram-sha-256) and on a unix socket in a short /tmp
+    dir (trust, for the superuser). As root it runs as the ``postgres`` user, since PostgreSQL
+    refuses to run as root. Stopped and deleted at the end of the session.
+    """
+    bin_dir = _postgres_bin_dir()
+    as_user: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))  # socket paths must stay short
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("running as root, PostgreSQL needs a 'postgres' user (Debian's postgresql package makes it)")
+        os.chown(base, account.pw_uid, account.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", server.free_port()
+    password = secrets.token_urlsafe(16)
+
+    def run(*command: str) -> None:
+        result = subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+    options = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} "
+               "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
+    pg = Postgres(host="127.0.0.1", port=port, user="mlflow", password=password, database="mlflow",
+                  socket_dir=base, bin_dir=bin_dir)
+    started = False
+    try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
+            "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C")
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-o", options, "-w",
+            "-t", "60", "start")
+        started = True
+        pg.psql(f"CREATE ROLE mlflow LOGIN PASSWORD '{password}'", database="postgres")
+        pg.psql("CREATE DATABASE mlflow OWNER mlflow", database="postgres")
+        yield pg
+    finally:
+        if started:
+            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
