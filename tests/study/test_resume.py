@@ -151,8 +151,9 @@ def test_killed_worker_retries_from_checkpoint_then_sigterm_and_resume(two_cohor
 
     def retried():
         run = client.get_run(victim.info.run_id)
-        return run if run.data.tags.get("attempt") == "2" and run.info.status in ("RUNNING", "FINISHED") \
-            and len(epochs(client, victim.info.run_id)) > int(run.data.tags.get("resumed_from_epoch", 99)) else None
+        logged_since = [m for m in client.get_metric_history(victim.info.run_id, "val_acc")
+                        if m.timestamp / 1000 > killed_at]
+        return run if run.data.tags.get("attempt") == "2" and logged_since else None
 
     run = wait_for(retried, what="the retried trial's next epoch")
     start = int(run.data.tags["resumed_from_epoch"])
