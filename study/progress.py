@@ -58,6 +58,8 @@ def post(name: str | None, event: dict) -> None:
     try:
         import ray
 
+        if not ray.is_initialized():  # never start a Ray instance just to report progress
+            return
         handle = _handles.get(name)
         if handle is None:
             handle = _handles[name] = ray.get_actor(name, namespace=NAMESPACE)

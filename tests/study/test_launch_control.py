@@ -48,9 +48,12 @@ def test_display_is_silent_when_quiet():
     assert out.getvalue() == ""
 
 
-def test_post_without_a_hub_never_raises():
+def test_post_without_a_hub_never_raises_nor_starts_ray():
+    import ray
+
     progress.post(None, {"kind": "x"})
-    progress.post("no-such-hub-anywhere", {"kind": "x"})  # no Ray here: swallowed
+    progress.post("no-such-hub-anywhere", {"kind": "x"})
+    assert not ray.is_initialized()  # a later launch in this process must be able to start its own
 
 
 def test_settings_diff_names_each_changed_key():
