@@ -112,9 +112,8 @@ def run_trial_timed(store, ctx, train, *, epochs: int, cache_dir: Path) -> dict[
     model, fit_model, loaders, info = build_trial(store, ctx, train, cache_dir=str(cache_dir))
     setup = time.perf_counter() - t0
     stamps = [time.perf_counter()]
-    fit(fit_model, loaders["train"], loaders["val"], epochs=epochs, optimizer=train.optimizer,
-        lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
-        on_epoch=lambda e, m: stamps.append(time.perf_counter()))
+    fit(fit_model, loaders["train"], loaders["val"], dataclasses.replace(train, epochs=epochs),
+        on_epoch=lambda e, m, state: stamps.append(time.perf_counter()))
     epoch_s = np.diff(stamps)
     return {"model": model, "info": info, "setup_s": setup, "epoch_s": epoch_s,
             "total_s": setup + float(epoch_s.sum()),

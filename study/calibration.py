@@ -68,8 +68,7 @@ def holdout_summary(store_path: Path, grid: dict[str, Any], *, threads: int = 2
     t = config.train
     seed_everything(t.seed)
     model, fit_model, loaders, _ = build_trial(store, ctx, t)
-    fit(fit_model, loaders["train"], loaders["val"], epochs=t.epochs, optimizer=t.optimizer,
-        lr=t.lr, weight_decay=t.weight_decay)
+    fit(fit_model, loaders["train"], loaders["val"], t)
     out = evaluate(model, make_loaders(store, ctx, t, partitions=("test",))["test"])
     return summarize(out["subject_labels"], out["subject_probs"],
                      train_labels=plan.labels["train"], seed=0)

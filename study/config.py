@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,29 @@ PROTOCOLS = ("holdout", "seed_replication", "nested_cv")
 
 class GridError(ValueError):
     """A grid file is invalid; the message lists every problem found."""
+
+
+class _GridLoader(yaml.SafeLoader):
+    """YAML 1.1's SafeLoader, but `1e-3` is a number (YAML 1.2 and everyone's intuition).
+
+    PyYAML only reads exponents with a dot (`1.0e-3`) as floats; `lr: 1e-3` would otherwise
+    arrive as the string "1e-3" and be refused.
+    """
+
+
+_GridLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """Parse grid YAML (or a --set value) with numbers such as 1e-3 read as numbers."""
+    return yaml.load(text, Loader=_GridLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -115,6 +139,10 @@ class GridConfig:
     scheduler: str = "none"
     optuna_startup_trials: int = 3  # TPE's random start-up; Optuna's 10 is too many for small budgets
     min_subjects_per_cell: int = 20
+    # a trial checkpoints (weights, optimizer, epoch) when this many seconds have passed since
+    # its last checkpoint, and after its last epoch: a pre-empted trial loses at most this much
+    checkpoint_interval_s: float = 30.0
+    trial_retries: int = 1  # a trial whose worker dies restarts from its checkpoint this often
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     resources_per_trial: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -189,12 +217,35 @@ def _coerce(value: Any, default: Any, where: str, errors: list[str]) -> Any:
     return value
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What each searchable training setting accepts, for fixed values and for every searched value.
+VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "freeze": (lambda v: v in FREEZE_MODES, f"one of {', '.join(FREEZE_MODES)}"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+}
+# distributions each setting may be searched with (choice always works)
+_KINDS = {"lr": ("loguniform", "uniform"), "momentum": ("uniform",), "weight_decay": ("loguniform", "uniform"),
+          "batch_size": ("int",), "epochs": ("int",)}
+
+
 def _parse_search(raw: Any, errors: list[str]) -> tuple[SearchParam, ...]:
     if not isinstance(raw, dict) or not raw:
         errors.append("search: expected a mapping of training settings to distributions, e.g. "
                       "lr: {loguniform: [1.0e-5, 1.0e-2]}")
         return ()
-    searchable = {"lr", "freeze", "optimizer", "momentum", "weight_decay", "batch_size", "epochs"}
+    searchable = set(VALUE_RULES)
     params = []
     for name, spec in raw.items():
         where = f"search.{name}"
@@ -217,16 +268,18 @@ def _parse_search(raw: Any, errors: list[str]) -> tuple[SearchParam, ...]:
                 errors.append(f"{where}.{kind}: expected [low, high] with low < high"
                               f"{' and low > 0' if kind == 'loguniform' else ''}, got {values!r}")
                 continue
-        if name == "freeze":
-            bad = [v for v in values if v not in FREEZE_MODES]
-            if kind != "choice" or bad:
-                errors.append(f"{where}: freeze takes choice of {', '.join(FREEZE_MODES)}; got {spec!r}")
-                continue
-        if name == "optimizer":
-            bad = [v for v in values if v not in OPTIMIZERS]
-            if kind != "choice" or bad:
-                errors.append(f"{where}: optimizer takes choice of {', '.join(OPTIMIZERS)}; got {spec!r}")
-                continue
+        if kind != "choice" and kind not in _KINDS.get(name, ()):
+            allowed = ", ".join(("choice", *_KINDS.get(name, ())))
+            errors.append(f"{where}: {name} cannot be searched with {kind}; allowed: {allowed}")
+            continue
+        ok, what = VALUE_RULES[name]
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            errors.append(f"{where}.{kind}: {name} must be {what}; got {', '.join(map(repr, bad))}")
+            continue
+        if kind == "choice" and len(set(map(repr, values))) != len(values):
+            errors.append(f"{where}.choice: duplicate values in {values!r}")
+            continue
         params.append(SearchParam(name=name, kind=kind, values=tuple(values)))
     return tuple(params)
 
@@ -275,14 +328,12 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     split = _typed_section(SplitConfig, raw.get("split"), "split", errors)
     resources = _typed_section(ResourcesConfig, raw.get("resources_per_trial"), "resources_per_trial", errors)
 
-    if train.optimizer not in OPTIMIZERS:
-        errors.append(f"train.optimizer: invalid optimizer {train.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-    if train.freeze not in FREEZE_MODES:
-        errors.append(f"train.freeze: invalid value {train.freeze!r}; allowed: {', '.join(FREEZE_MODES)}")
-    if isinstance(train.epochs, (int, float)) and (int(train.epochs) != train.epochs or train.epochs < 1):
-        errors.append(f"train.epochs: expected a positive integer, got {train.epochs!r}")
-    if isinstance(train.batch_size, (int, float)) and (int(train.batch_size) != train.batch_size or train.batch_size < 1):
-        errors.append(f"train.batch_size: expected a positive integer, got {train.batch_size!r}")
+    train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    for name, (ok, what) in VALUE_RULES.items():
+        value = getattr(train, name)
+        if name in train_raw and not ok(value) and not (name in ("epochs", "batch_size")
+                                                        and _is_number(value) and value == int(value) and ok(int(value))):
+            errors.append(f"train.{name}: expected {what}, got {value!r}")
     weights = train.weights
     if isinstance(weights, str) and weights not in ("none", "imagenet"):
         if not Path(weights).is_file():
@@ -320,12 +371,15 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     scheduler = raw.get("scheduler", "none")
     if scheduler not in SCHEDULERS:
         errors.append(f"scheduler: unknown value {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
-    ints = {"trials_per_cell": 1, "optuna_startup_trials": 0, "min_subjects_per_cell": 6}
+    ints = {"trials_per_cell": 1, "optuna_startup_trials": 0, "min_subjects_per_cell": 6, "trial_retries": 0}
     for key, low in ints.items():
         v = raw.get(key, getattr(GridConfig, key, None))
         if key in raw and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             errors.append(f"{key}: expected an integer >= {low}, got {v!r}")
     mc = _coerce(raw.get("max_concurrent_per_cell"), None, "max_concurrent_per_cell", errors)
+    interval = raw.get("checkpoint_interval_s", GridConfig.checkpoint_interval_s)
+    if not _is_number(interval) or interval < 0:
+        errors.append(f"checkpoint_interval_s: expected a number of seconds >= 0 (0: every epoch), got {interval!r}")
     for key in ("question", "store"):
         if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
             errors.append(f"{key}: expected a non-empty string, got {raw[key]!r}")
@@ -342,6 +396,7 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
         max_concurrent_per_cell=mc, scheduler=scheduler,
         optuna_startup_trials=raw.get("optuna_startup_trials", 3),
         min_subjects_per_cell=raw.get("min_subjects_per_cell", 20),
+        checkpoint_interval_s=float(interval), trial_retries=raw.get("trial_retries", 1),
         train=dataclasses.replace(train, epochs=int(train.epochs), batch_size=int(train.batch_size)),
         split=split, resources_per_trial=resources, source=source,
     )
@@ -353,14 +408,21 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
     if not path.is_file():
         raise GridError(f"grid file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise GridError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}  # an empty file: parse_grid lists the required keys
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for depth, p in enumerate(parents):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise GridError(f"--set {dotted}: {'.'.join(parents[:depth + 1])} is {child!r}, not a section")
+            node = child
         node[leaf] = value
     return parse_grid(raw, source=str(path))
 
@@ -370,7 +432,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise GridError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=2")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    if not key.strip():
+        raise GridError(f"--set {text!r}: empty key; expected KEY=VALUE, e.g. train.epochs=2")
+    try:
+        return key.strip(), load_yaml(value)
+    except yaml.YAMLError as exc:
+        raise GridError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
 
 
 def search_space_size(grid: GridConfig) -> float:

@@ -4,8 +4,8 @@ Usage::
 
     from study.engine import fit, evaluate
 
-    result = fit(model, train_loader, val_loader, epochs=50, optimizer="sgd", lr=1e-4,
-                 on_epoch=lambda epoch, m: print(epoch, m["val_subject_acc"]))
+    result = fit(model, train_loader, val_loader, TrainConfig(epochs=50, lr=1e-4),
+                 on_epoch=lambda epoch, m, state: print(epoch, m["val_subject_acc"]))
     test = evaluate(model, test_loader)      # model holds the best-val-epoch weights
 
 Loaders yield ``(x, label, row)`` batches (study.data.SliceDataset). The network sees single
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -130,11 +132,30 @@ def aggregate_by_subject(
     return unique, subject_probs, subject_labels
 
 
+def balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
+    """Mean recall over the classes present (0.5 for a constant predictor on two classes)."""
+    recalls = [float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)]
+    return float(np.mean(recalls)) if recalls else math.nan
+
+
+def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC by the Mann-Whitney rank formula (ties count half); NaN with one class."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels)
+    n_pos, n_neg = int(np.sum(labels == 1)), int(np.sum(labels == 0))
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Slice and subject accuracy plus mean slice cross-entropy.
 
     Returns:
-        dict with slice_acc, subject_acc, loss (floats) and subject_rows, subject_probs,
+        dict with slice_acc, subject_acc, subject_balanced_acc, subject_auroc, loss (floats)
+        and subject_rows, subject_probs,
         subject_labels (arrays, for the metrics module).
     """
     logits, labels, rows = _logits(model, loader, device)
@@ -146,6 +167,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device =
     return {
         "slice_acc": slice_acc,
         "subject_acc": float((subject_pred == subject_labels).mean()),
+        "subject_balanced_acc": balanced_accuracy(subject_labels, subject_pred),
+        "subject_auroc": rank_auroc(subject_labels, subject_probs),
         "loss": loss,
         "subject_rows": subject_rows,
         "subject_probs": subject_probs,
@@ -153,70 +176,126 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device =
     }
 
 
+@dataclass
+class FitState:
+    """Where fit() stands after an epoch: everything needed to continue it exactly.
+
+    A trial checkpoint holds this (plus the trained module's weights): fit(..., state=...)
+    then resumes at ``epoch + 1`` with the same optimizer moments, the same shuffling (the
+    train loader's generator state) and the same best-so-far, so a resumed trial follows the
+    uninterrupted one step for step.
+    """
+
+    epoch: int = 0  # last finished epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_key: tuple[float, ...] | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # the trained module's weights at best_epoch
+    optimizer_state: dict[str, Any] | None = None
+    generator_state: torch.Tensor | None = None  # the train loader's shuffle generator
+    torch_rng_state: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def accuracy_key(metrics: dict[str, float]) -> tuple[float, ...]:
+    """Default epoch ranking: highest validation subject accuracy, ties -> lower loss."""
+    return (metrics["val_subject_acc"], -metrics["val_loss"])
+
+
 def fit(
     model: nn.Module,
     train_loader: Iterable,
     val_loader: Iterable | None,
+    train: Any,
     *,
-    epochs: int,
-    optimizer: str,
-    lr: float,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
     device: str | torch.device = "cpu",
-    on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
+    on_epoch: Callable[[int, dict[str, float], FitState], bool | None] | None = None,
+    state: FitState | None = None,
+    select_key: Callable[[dict[str, float]], tuple[float, ...]] = accuracy_key,
 ) -> dict[str, Any]:
-    """Train for ``epochs``, validating after each, and keep the best epoch's weights.
+    """Train for ``train.epochs``, validating after each, and keep the best epoch's weights.
 
-    Best = highest validation subject accuracy, ties broken by lower validation loss; those
-    weights are loaded back into ``model`` before returning. Without a val_loader the last
-    epoch is kept.
+    Best = the highest ``select_key(epoch metrics)`` (default: validation subject accuracy,
+    ties -> lower validation loss); those weights are loaded back into ``model`` before
+    returning. Without a val_loader the last epoch is kept.
 
     Args:
-        model: the network (moved to device).
+        model: the module to train (moved to device).
         train_loader, val_loader: loaders of (x, label, row) batches.
-        epochs: number of passes over train_loader.
-        optimizer, lr, momentum, weight_decay: see make_optimizer.
+        train: the trial's settings (study.config.TrainConfig): epochs, optimizer, lr,
+            momentum, weight_decay are read from it.
         device: torch device.
-        on_epoch: called as on_epoch(epoch, metrics) after each epoch (epoch counts from 1;
-            metrics: train_loss, val_loss, val_slice_acc, val_subject_acc). It may raise to
-            abort (weights are then left as trained), or return True to stop early (the best
-            weights are still restored).
+        on_epoch: called as on_epoch(epoch, metrics, state) after each epoch (epoch counts
+            from 1; metrics: train_loss, val_loss, val_slice_acc, val_subject_acc,
+            val_subject_balanced_acc, val_subject_auroc, time_s (the epoch's compute);
+            state: the FitState to checkpoint).
+            It may raise to abort (weights are then left as trained), or return True to stop
+            early (the best weights are still restored).
+        state: a FitState from a checkpoint: continue after its epoch. The caller has
+            already loaded the module's weights of that epoch into ``model``.
+        select_key: ranks epochs from their metrics; larger is better.
 
     Returns:
         {"history": [metrics per epoch], "best_epoch": int, "best_val_subject_acc": float,
-        "best_val_loss": float}.
+        "best_val_loss": float, "state": the final FitState}.
     """
+    epochs = int(train.epochs)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     model.to(device)
-    opt = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    history: list[dict[str, float]] = []
-    best_key: tuple[float, float] | None = None
-    best_epoch, best_state = 0, None
-    for epoch in range(1, epochs + 1):
+    opt = make_optimizer(train.optimizer, model.parameters(), lr=train.lr, momentum=train.momentum,
+                         weight_decay=train.weight_decay)
+    generator = getattr(train_loader, "generator", None)
+    st = state if state is not None else FitState()
+    if state is not None:
+        if st.optimizer_state is not None:
+            opt.load_state_dict(st.optimizer_state)
+        if generator is not None and st.generator_state is not None:
+            generator.set_state(st.generator_state)
+        if st.torch_rng_state is not None:
+            torch.set_rng_state(st.torch_rng_state)
+    for epoch in range(st.epoch + 1, epochs + 1):
+        started = time.perf_counter()
         metrics: dict[str, float] = {"epoch": epoch}
         metrics["train_loss"] = train_one_epoch(model, train_loader, opt, device=device)
         if val_loader is not None:
             val = evaluate(model, val_loader, device=device)
             metrics.update(val_loss=val["loss"], val_slice_acc=val["slice_acc"],
-                           val_subject_acc=val["subject_acc"])
-            key = (val["subject_acc"], -val["loss"])
+                           val_subject_acc=val["subject_acc"],
+                           val_subject_balanced_acc=val.get("subject_balanced_acc", math.nan),
+                           val_subject_auroc=val.get("subject_auroc", math.nan))
+            key = tuple(select_key(metrics))
         else:
-            metrics.update(val_loss=math.nan, val_slice_acc=math.nan, val_subject_acc=math.nan)
-            key = (float(epoch), 0.0)
-        history.append(metrics)
-        if best_key is None or key > best_key:
-            best_key, best_epoch = key, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        stop = on_epoch(epoch, dict(metrics)) if on_epoch is not None else None
+            metrics.update(val_loss=math.nan, val_slice_acc=math.nan, val_subject_acc=math.nan,
+                           val_subject_balanced_acc=math.nan, val_subject_auroc=math.nan)
+            key = (float(epoch),)
+        metrics["time_s"] = time.perf_counter() - started  # training + validation compute
+        st.history.append(metrics)
+        st.epoch = epoch
+        if st.best_key is None or key > tuple(st.best_key):
+            st.best_key, st.best_epoch = key, epoch
+            st.best_state = copy.deepcopy(model.state_dict())
+        st.optimizer_state = opt.state_dict()
+        st.generator_state = generator.get_state() if generator is not None else None
+        st.torch_rng_state = torch.get_rng_state()
+        stop = on_epoch(epoch, dict(metrics), st) if on_epoch is not None else None
         if stop is True:
             break
-    model.load_state_dict(best_state)
-    best = history[best_epoch - 1]
+    if st.best_state is None:
+        raise ValueError("fit resumed from a state with no best epoch and had no epoch left to run")
+    model.load_state_dict(st.best_state)
+    best = st.history[st.best_epoch - 1]
     return {
-        "history": history,
-        "best_epoch": best_epoch,
+        "history": st.history,
+        "best_epoch": st.best_epoch,
         "best_val_subject_acc": best["val_subject_acc"],
         "best_val_loss": best["val_loss"],
+        "state": st,
     }

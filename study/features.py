@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -259,6 +259,7 @@ def cached_features(
     input_size: tuple[int, int] | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    on_progress: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Frozen-prefix outputs of store slices ``slice_idx``, from the cache or computed into it.
 
@@ -272,6 +273,8 @@ def cached_features(
         input_size: the trial's input_size (None = as stored).
         cache_dir: cache root (default: default_cache_dir()).
         device: where the prefix runs; features come back on the CPU.
+        on_progress: called as on_progress(done, total, entry=..., block=...) while slices
+            are computed (about every COMPUTE_BATCH slices; not called on a cache hit).
 
     Returns:
         (float32 features aligned with slice_idx, stats) with stats = {"entry": path,
@@ -302,12 +305,15 @@ def cached_features(
             group = _create(path, key, n_store, tuple(probe.shape[1:]))
         written = group["written"][:]
         missing = wanted[~written[wanted]]
+        tell = (lambda done: on_progress(done, int(missing.size), entry=key.digest()[:12], block=key.block)
+                ) if on_progress is not None else (lambda done: None)
         for start in range(0, missing.size, FLUSH_SLICES):
             part = missing[start : start + FLUSH_SLICES]
             out = np.empty((part.size, *group["features"].shape[1:]), np.float32)
             for b in range(0, part.size, COMPUTE_BATCH):
                 x = _store_images(store, part[b : b + COMPUTE_BATCH], input_size).to(device)
                 out[b : b + COMPUTE_BATCH] = frozen_forward(model, x).float().cpu().numpy()
+                tell(start + min(b + COMPUTE_BATCH, part.size))
             group["features"].set_orthogonal_selection((part,), out)
             written[part] = True
             group["written"][:] = written  # after the features: a crash leaves them unmarked
@@ -377,6 +383,7 @@ def feature_loaders(
     partitions: tuple[str, ...] = ("train", "val"),
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    on_progress: Callable[..., None] | None = None,
 ) -> tuple[dict[str, torch.utils.data.DataLoader], FeatureHead, dict[str, Any]]:
     """Loaders of (cached features, label, row) batches and the head that trains on them.
 
@@ -389,7 +396,7 @@ def feature_loaders(
     tables = {p: slice_table(store, split[p], labels[p], train.slices_per_subject) for p in partitions}
     every = np.concatenate([tables[p][0] for p in partitions])
     feats, stats = cached_features(model, store, every, input_size=train.input_size,
-                                   cache_dir=cache_dir, device=device)
+                                   cache_dir=cache_dir, device=device, on_progress=on_progress)
     loaders, offset = {}, 0
     for part in partitions:
         idx, ys, rs = tables[part]

@@ -142,6 +142,11 @@ def plan_cells(grid: GridConfig, store) -> list[CellPlan]:
             if measure in absent:
                 errors.append(f"grid.measure: {measure!r} is not in cohort {cohort!r}'s release: its tables "
                               f"lack column(s) {', '.join(absent[measure])} (recorded when the store was built)")
+    k = grid.train.slices_per_subject
+    if k is not None and "slice_count" in subjects and len(subjects) and int(subjects["slice_count"].min()) < k:
+        short = int((subjects["slice_count"] < k).sum())
+        errors.append(f"train.slices_per_subject: {k}, but {short} subject(s) in the store have fewer slices "
+                      f"(fewest: {int(subjects['slice_count'].min())}); use at most that many")
     if errors:
         raise PlanError(f"{grid.source}: {len(errors)} problem(s) with the store:\n  - " + "\n  - ".join(errors))
     plans = []

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +69,40 @@ def create_run(client: MlflowClient, experiment_id: str, *, name: str, run_type:
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    for key, value in params.items():
-        client.log_param(run_id, key, "null" if value is None else str(value)[:6000])
+    """All params in one request per 100 (MLflow's batch limit); values as strings."""
+    from mlflow.entities import Param
+
+    items = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    for key, value in metrics.items():
-        if value is None:
-            continue
-        client.log_metric(run_id, key, float(value), step=step or 0)
+    """All metrics of one step in one request (a trial logs ~6 per epoch)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    """Several tags in one request: readers never see some of them without the others."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_metric_steps(client: MlflowClient, run_id: str, steps: dict[int, dict[str, float]]) -> None:
+    """Several steps' metrics in as few requests as possible (a resumed trial's backlog)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for step, m in sorted(steps.items())
+             for k, v in m.items() if v is not None]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
 def log_json(client: MlflowClient, run_id: str, obj: Any, filename: str) -> None:
@@ -90,9 +116,37 @@ def log_file(client: MlflowClient, run_id: str, path: str | os.PathLike, artifac
     client.log_artifact(run_id, str(path), artifact_path)
 
 
+def children(client: MlflowClient, experiment_id: str, parent_run_id: str, where: str = "") -> list:
+    """Every run whose parent is parent_run_id (all pages), optionally filtered further."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" + (f" and {where}" if where else "")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def end_open_children(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str = "KILLED") -> int:
     """Mark child runs left RUNNING (trials stopped by the scheduler or killed) as ended."""
-    runs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    runs = children(client, experiment_id, parent_run_id, "attributes.status = 'RUNNING'")
     for run in runs:
         client.set_terminated(run.info.run_id, status)
     return len(runs)
+
+
+def end_open_tree(client: MlflowClient, experiment_id: str, launch_run_id: str, status: str = "KILLED") -> int:
+    """Mark every run of a launch left RUNNING (its cells and their trials) as ended."""
+    n = 0
+    for cell in children(client, experiment_id, launch_run_id):
+        n += end_open_children(client, experiment_id, cell.info.run_id, status)
+        if cell.info.status == "RUNNING":
+            client.set_terminated(cell.info.run_id, status)
+            n += 1
+    return n
+
+
+def reopen(client: MlflowClient, run_id: str) -> None:
+    """Set a KILLED/FAILED run back to RUNNING: a resumed cell or trial continues in it."""
+    client.update_run(run_id, status="RUNNING")

@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from study import tracking
 from study.config import Cell, TrainConfig
 
 CHECKPOINT_FILE = "model_state.pt"
@@ -45,6 +47,8 @@ class CellContext:
     cpus_per_trial: float
     gpus_per_trial: float
     protocol: str = "holdout"  # holdout | seed_replication | nested_cv (see study/config.py)
+    checkpoint_interval_s: float = 30.0  # see GridConfig.checkpoint_interval_s
+    progress_hub: str | None = None  # the launch's progress actor (study/progress.py); None: silent
 
 
 def resolve_train_config(base: TrainConfig, suggested: dict[str, Any]) -> TrainConfig:
@@ -77,7 +81,7 @@ def make_loaders(store, ctx: CellContext, train: TrainConfig, partitions=("train
 
 
 def build_trial(store, ctx: CellContext, train: TrainConfig, *, device: str = "cpu",
-                cache_dir: str | None = None):
+                cache_dir: str | None = None, on_progress=None):
     """The trial's model, the module to fit, its train/val loaders, and how they were made.
 
     Call right after seed_everything(train.seed): the model's initial weights come from it.
@@ -98,7 +102,8 @@ def build_trial(store, ctx: CellContext, train: TrainConfig, *, device: str = "c
     if reason is None:
         try:
             loaders, head, stats = features.feature_loaders(
-                store, ctx.split, ctx.labels, train, model, cache_dir=cache_dir, device=device)
+                store, ctx.split, ctx.labels, train, model, cache_dir=cache_dir, device=device,
+                on_progress=on_progress)
             return model, head, loaders, {"feature_cache": "used", **stats}
         except OSError as err:  # an unwritable or full cache disk costs speed, not the trial
             reason = f"cache unavailable ({type(err).__name__}: {err})"
@@ -107,70 +112,208 @@ def build_trial(store, ctx: CellContext, train: TrainConfig, *, device: str = "c
 
 
 def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
-    """Ray Tune function trainable: one hyperparameter configuration of one cell."""
+    """Ray Tune function trainable: one hyperparameter configuration of one cell.
+
+    Restartable: a trial restored by Tune (a retry after its worker died, or a resumed
+    launch) continues from its last checkpoint at that epoch + 1, in the same MLflow run,
+    logging only the epochs that run did not hold yet.
+    """
     import torch
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     from data_prep.store import open_store
-    from study import tracking
-    from study.engine import fit
+    from study.engine import FitState, fit
     from study.model import seed_everything
 
+    entered = time.perf_counter()
     train = resolve_train_config(ctx.train, config)
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     seed_everything(train.seed)
     device = _device(ctx)
-
+    saved = load_checkpoint(tune.get_checkpoint())
     client = MlflowClient(ctx.tracking_uri)
-    trial_name = tune.get_context().get_trial_name()
-    run_id = tracking.create_run(client, ctx.experiment_id, name=f"{ctx.cell.name}/{trial_name}",
-                                 run_type="trial", parent_run_id=ctx.cell_run_id,
-                                 tags={"cell": ctx.cell.name, "trial": trial_name})
-    tracking.log_params(client, run_id, {**{k: v for k, v in dataclasses.asdict(train).items()},
-                                         **{f"axis.{k}": v for k, v in ctx.cell.axes.items()},
-                                         "store_hash": ctx.store_hash})
-    status = "FAILED"
+    run_id, logged = _trial_run(client, ctx, train, saved)
+    status, stopped = "FAILED", [False]
     try:
         store = open_store(ctx.store)
         if ctx.protocol == "nested_cv":
             run_cv_trial(store, ctx, train, client=client, run_id=run_id, device=device)
             status = "FINISHED"
             return
-        model, fit_model, loaders, how = build_trial(store, ctx, train, device=device)
+        model, fit_model, loaders, how = build_trial(store, ctx, train, device=device,
+                                                     on_progress=_cache_progress(ctx, store))
         client.set_tag(run_id, "feature_cache", how["feature_cache"][:250])
-        best = {"acc": -math.inf, "loss": math.inf}
+        state = None
+        if saved is not None:
+            _check_prefix(saved, model, how)
+            fit_model.load_state_dict(saved["module_state"])
+            state = FitState.from_dict(saved["fit"])
+        last_checkpoint = [time.monotonic()]
+        reported = [0]
+        setup_s = time.perf_counter() - entered
 
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            val_acc, val_loss = float(metrics["val_subject_acc"]), float(metrics["val_loss"])
-            improved = val_acc > best["acc"] or (val_acc == best["acc"] and val_loss < best["loss"])
-            if improved:  # same rule as engine.fit: best subject accuracy, ties → lower loss
-                best.update(acc=val_acc, loss=val_loss, epoch=epoch)
-            report = {"val_acc": val_acc, "val_loss": val_loss, "train_loss": float(metrics["train_loss"]),
-                      "val_slice_acc": float(metrics.get("val_slice_acc", float("nan"))),
-                      "best_val_acc": best["acc"], "best_val_loss": best["loss"], "epoch": epoch}
-            tracking.log_metrics(client, run_id, {k: v for k, v in report.items() if k != "epoch"}, step=epoch)
-            if improved:
-                _save_checkpoint(model, train, epoch, report)
+        def to_tune(report: dict, payload: dict | None = None) -> None:
+            try:  # Tune stops a trial (scheduler, interrupted launch) by failing its next report
+                if payload is None:
+                    tune.report(report)
+                else:
+                    _report_with_checkpoint(report, payload)
+            except BaseException:
+                stopped[0] = True
+                raise
+
+        def on_epoch(epoch: int, metrics: dict[str, float], st: FitState) -> None:
+            report = epoch_report(metrics, st)
+            if epoch not in logged:
+                tracking.log_metrics(client, run_id, {k: v for k, v in report.items() if k != "epoch"}, step=epoch)
+            due = (epoch == train.epochs
+                   or time.monotonic() - last_checkpoint[0] >= ctx.checkpoint_interval_s)
+            reported[0] += 1
+            if due:
+                to_tune(report, _checkpoint(train, run_id, fit_model, model, how, st))
+                last_checkpoint[0] = time.monotonic()
             else:
-                tune.report(report)
+                to_tune(report)
 
-        fit(fit_model, loaders["train"], loaders["val"], epochs=train.epochs, optimizer=train.optimizer,
-            lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay, device=device,
-            on_epoch=on_epoch)
+        result = fit(fit_model, loaders["train"], loaders["val"], train, device=device,
+                     on_epoch=on_epoch, state=state)
+        if not reported[0]:  # restored after its last epoch: nothing left to train, say so once
+            to_tune(epoch_report(result["history"][-1], result["state"]))
+        ran = result["history"][len(result["history"]) - reported[0]:]  # this attempt's epochs
+        tracking.log_metrics(client, run_id, {  # where the trial's time went (benchmarks/launch_overhead.py)
+            "time_setup_s": setup_s, "time_compute_s": sum(h.get("time_s", 0.0) for h in ran),
+            "time_trial_s": time.perf_counter() - entered})
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
+        client.set_terminated(run_id, "KILLED" if stopped[0] else status)
 
 
-def _save_checkpoint(model, train: TrainConfig, epoch: int, report: dict) -> None:
+def epoch_report(metrics: dict[str, float], st) -> dict[str, float]:
+    """What a trial reports to Tune (and logs to MLflow) after an epoch."""
+    best = st.history[st.best_epoch - 1]
+    return {"val_acc": float(metrics["val_subject_acc"]), "val_loss": float(metrics["val_loss"]),
+            "val_balanced_acc": float(metrics.get("val_subject_balanced_acc", math.nan)),
+            "val_auroc": float(metrics.get("val_subject_auroc", math.nan)),
+            "train_loss": float(metrics["train_loss"]),
+            "val_slice_acc": float(metrics.get("val_slice_acc", math.nan)),
+            "best_val_acc": float(best["val_subject_acc"]), "best_val_loss": float(best["val_loss"]),
+            "best_val_score": float(st.best_key[0]), "epoch": int(metrics["epoch"])}
+
+
+def _trial_run(client, ctx: CellContext, train: TrainConfig, saved: dict | None) -> tuple[str, set[int]]:
+    """The trial's MLflow run: the checkpoint's, else one tagged with this Tune trial id
+    (a restart before any checkpoint), else a new one. Returns (run id, steps already logged)."""
+    import os
+
+    from ray import tune
+
+    tctx = tune.get_context()
+    trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
+    run_id = (saved or {}).get("mlflow_run_id")
+    if run_id is None:
+        found = tracking.children(client, ctx.experiment_id, ctx.cell_run_id, f"tags.tune_trial_id = '{trial_id}'")
+        run_id = found[0].info.run_id if found else None
+    tags = {"worker_pid": str(os.getpid()), "node_id": _node_id()}
+    if run_id is None:
+        run_id = tracking.create_run(client, ctx.experiment_id, name=f"{ctx.cell.name}/{trial_name}",
+                                     run_type="trial", parent_run_id=ctx.cell_run_id,
+                                     tags={"cell": ctx.cell.name, "trial": trial_name,
+                                           "tune_trial_id": trial_id, "attempt": "1", **tags})
+        tracking.log_params(client, run_id, {**dataclasses.asdict(train),
+                                             **{f"axis.{k}": v for k, v in ctx.cell.axes.items()},
+                                             "store_hash": ctx.store_hash})
+        return run_id, set()
+    run = client.get_run(run_id)
+    tracking.reopen(client, run_id)
+    attempt = int(run.data.tags.get("attempt", "1")) + 1
+    tracking.set_tags(client, run_id, {**tags, "resumed_from_epoch": str((saved or {}).get("epoch", 0)),
+                                       "attempt": str(attempt)})
+    return run_id, {m.step for m in client.get_metric_history(run_id, "val_acc")}
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return "unknown"
+
+
+def _cache_progress(ctx: CellContext, store):
+    """Posts the feature-cache pass's progress to the launch's display."""
+    from study import progress
+
+    node = _node_id()
+    started = time.monotonic()
+
+    def report(done: int, total: int, *, entry: str, block: str) -> None:
+        elapsed = time.monotonic() - started
+        progress.post(ctx.progress_hub, {"kind": "cache", "cell": ctx.cell.name, "entry": entry, "block": block,
+                                         "node": node, "done": done, "total": total,
+                                         "rate": done / elapsed if elapsed > 0 and done else None})
+
+    return report
+
+
+# ---------------------------------------------------------------- checkpoints
+def _checkpoint(train: TrainConfig, run_id: str, fit_model, model, how: dict, st) -> dict:
+    """What a trial checkpoint holds: the trained module (only the head when the frozen
+    prefix came from the feature cache: the prefix is rebuilt from the seed and checked by
+    its digest), fit's state (optimizer, shuffling, best epoch and its weights) and the run."""
+    from study import features
+
+    cached = how.get("feature_cache") == "used"
+    return {"format": 2, "train": dataclasses.asdict(train), "mlflow_run_id": run_id, "epoch": st.epoch,
+            "module": "head" if cached else "model", "module_state": fit_model.state_dict(),
+            "prefix_digest": features.weights_digest(model) if cached else None, "fit": st.to_dict()}
+
+
+def _report_with_checkpoint(report: dict, payload: dict) -> None:
     import torch
     from ray import tune
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"state_dict": model.state_dict(), "train": dataclasses.asdict(train), "epoch": epoch},
-                   Path(tmp) / CHECKPOINT_FILE)
+        torch.save(payload, Path(tmp) / CHECKPOINT_FILE)
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def load_checkpoint(checkpoint) -> dict | None:
+    """A trial checkpoint's payload (tensors and plain values only: loaded weights_only)."""
+    import torch
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as ckpt_dir:
+        return torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _check_prefix(saved: dict, model, how: dict) -> None:
+    from study import features
+
+    if saved.get("module") == "head":
+        if how.get("feature_cache") != "used":
+            raise RuntimeError(f"the checkpoint trained a head on cached features, but now: {how['feature_cache']}")
+        if saved.get("prefix_digest") != features.weights_digest(model):
+            raise RuntimeError("the rebuilt frozen prefix differs from the checkpoint's (weights or seed changed)")
+
+
+def model_from_checkpoint(saved: dict, train: TrainConfig, *, state: str = "best"):
+    """The full ThighResNet at the checkpoint's best epoch (state="best") or last epoch."""
+    from study import features
+    from study.model import build_model, seed_everything
+
+    weights = saved["fit"]["best_state"] if state == "best" else saved["module_state"]
+    seed_everything(train.seed)  # the frozen prefix of a head checkpoint comes from the seed
+    model = build_model(weights=train.weights if saved.get("module") == "head" else "none", freeze=train.freeze)
+    if saved.get("module") == "head":
+        if saved.get("prefix_digest") != features.weights_digest(model):
+            raise RuntimeError("the rebuilt frozen prefix differs from the trial's (weights file or seed changed)")
+        features.FeatureHead(model).load_state_dict(weights)
+    else:
+        model.load_state_dict(weights)
+    return model
 
 
 def run_cv_trial(store, ctx: CellContext, train: TrainConfig, *, client, run_id: str, device: str) -> None:
@@ -180,10 +323,8 @@ def run_cv_trial(store, ctx: CellContext, train: TrainConfig, *, client, run_id:
     The reported `best_val_acc` is the mean inner-fold subject accuracy at the chosen epoch;
     the test subjects are never touched here.
     """
-    import numpy as np
     from ray import tune
 
-    from study import tracking
     from study.engine import fit
     from study.model import seed_everything
 
@@ -196,27 +337,26 @@ def run_cv_trial(store, ctx: CellContext, train: TrainConfig, *, client, run_id:
             labels={"train": np.concatenate([ctx.labels[f] for f in rest]), "val": ctx.labels[fold]})
         seed_everything(train.seed)
         _, fit_model, loaders, _ = build_trial(store, fold_ctx, train, device=device)
-        history = fit(fit_model, loaders["train"], loaders["val"], epochs=train.epochs, optimizer=train.optimizer,
-                      lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
-                      device=device)["history"]
+        history = fit(fit_model, loaders["train"], loaders["val"], train, device=device)["history"]
         acc_curves.append([h["val_subject_acc"] for h in history])
         loss_curves.append([h["val_loss"] for h in history])
         fold_best = max(acc_curves[-1])
         tracking.log_metrics(client, run_id, {"fold_best_val_acc": fold_best}, step=i)
-        tune.report({"best_val_acc": float(np.mean([max(c) for c in acc_curves])), "fold": i,
+        running = float(np.mean([max(c) for c in acc_curves]))
+        tune.report({"best_val_acc": running, "best_val_score": running, "fold": i,
                      "best_val_loss": float(np.mean([min(c) for c in loss_curves]))})
     mean_acc, mean_loss = np.mean(acc_curves, axis=0), np.mean(loss_curves, axis=0)
     best_epoch = 1 + max(range(len(mean_acc)), key=lambda e: (mean_acc[e], -mean_loss[e]))
-    for epoch, (a, l) in enumerate(zip(mean_acc, mean_loss), start=1):
-        tracking.log_metrics(client, run_id, {"cv_val_acc": float(a), "cv_val_loss": float(l)}, step=epoch)
+    tracking.log_metric_steps(client, run_id, {epoch: {"cv_val_acc": float(a), "cv_val_loss": float(loss)}
+                                               for epoch, (a, loss) in enumerate(zip(mean_acc, mean_loss), start=1)})
     # refit on every non-test subject; "val" is unused (fit gets none) but keeps the loaders' shape
     seed_everything(train.seed)
     refit_ctx = dataclasses.replace(ctx, split={"train": ctx.split["train"], "val": ctx.split[folds[0]]},
                                     labels={"train": ctx.labels["train"], "val": ctx.labels[folds[0]]})
-    model, fit_model, loaders, _ = build_trial(store, refit_ctx, train, device=device)
-    fit(fit_model, loaders["train"], None, epochs=best_epoch, optimizer=train.optimizer, lr=train.lr,
-        momentum=train.momentum, weight_decay=train.weight_decay, device=device)
-    report = {"best_val_acc": float(mean_acc[best_epoch - 1]), "best_val_loss": float(mean_loss[best_epoch - 1]),
+    model, fit_model, loaders, how = build_trial(store, refit_ctx, train, device=device)
+    refit = fit(fit_model, loaders["train"], None, dataclasses.replace(train, epochs=best_epoch), device=device)
+    score = float(mean_acc[best_epoch - 1])
+    report = {"best_val_acc": score, "best_val_score": score, "best_val_loss": float(mean_loss[best_epoch - 1]),
               "cv_best_epoch": best_epoch, "fold": len(folds)}
     tracking.log_metrics(client, run_id, {"best_val_acc": report["best_val_acc"], "cv_best_epoch": best_epoch})
-    _save_checkpoint(model, train, best_epoch, report)
+    _report_with_checkpoint(report, _checkpoint(train, run_id, fit_model, model, how, refit["state"]))

@@ -62,7 +62,7 @@ def test_bad_search_space_and_train_values():
         parse_grid(raw)
     msg = str(exc.value)
     assert "search.lr.loguniform" in msg and "layer5" in msg and "search.dropout: cannot be searched" in msg
-    assert "invalid optimizer 'rmsprop'" in msg and "'missing.pth'" in msg and "leaves under 20%" in msg
+    assert "train.optimizer: expected one of sgd, adamw, got 'rmsprop'" in msg and "'missing.pth'" in msg and "leaves under 20%" in msg
 
 
 def test_overrides_apply_dotted_keys(tmp_path):
@@ -85,3 +85,46 @@ def test_launch_refuses_bad_grid_before_ray_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'man'" in err and "unknown key 'epochs'" in err
     assert not ray.is_initialized()
+
+
+def test_exponent_numbers_are_numbers_in_files_and_set(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("question: q?\nstore: x.zarr\ngrid: {cohort: [oai], measure: [leg_strength]}\n"
+                    "search:\n  lr: {loguniform: [1e-5, 1e-2]}\ntrain: {weight_decay: 5e-4}\n")
+    grid = load_grid(path, dict([parse_override("train.lr=1e-3")]))
+    assert grid.train.lr == 1e-3 and isinstance(grid.train.lr, float)
+    assert grid.train.weight_decay == 5e-4 and grid.search[0].values == (1e-5, 1e-2)
+    assert parse_override("name=1e3x") == ("name", "1e3x")  # not a number: stays a string
+
+
+def test_set_on_an_empty_grid_file_lists_the_required_keys(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(GridError) as exc:
+        load_grid(path, dict([parse_override("train.epochs=2")]))
+    assert "required key 'question'" in str(exc.value) and "required key 'store'" in str(exc.value)
+    with pytest.raises(GridError, match="train is 3, not a section"):
+        load_grid(REPO / "ablations" / "demo.yaml", {"train": 3, "train.epochs": 2})
+
+
+def test_choice_values_of_the_wrong_type_or_range_are_refused_together():
+    raw = {**MINIMAL, "search": {"lr": {"choice": ["fast", 0.01]}, "batch_size": {"choice": [8, 0]},
+                                 "momentum": {"uniform": [0.5, 1.5]}, "epochs": {"loguniform": [1, 10]}},
+           "train": {"weight_decay": -1}}
+    with pytest.raises(GridError) as exc:
+        parse_grid(raw)
+    msg = str(exc.value)
+    assert "5 problem(s)" in msg
+    assert "search.lr.choice: lr must be a number > 0; got 'fast'" in msg
+    assert "search.batch_size.choice: batch_size must be an integer >= 1; got 0" in msg
+    assert "search.momentum.uniform: momentum must be a number in [0, 1); got 1.5" in msg
+    assert "search.epochs: epochs cannot be searched with loguniform; allowed: choice, int" in msg
+    assert "train.weight_decay: expected a number >= 0, got -1" in msg
+
+
+def test_checkpoint_interval_and_retries_are_checked():
+    grid = parse_grid({**MINIMAL, "checkpoint_interval_s": 0, "trial_retries": 2})
+    assert grid.checkpoint_interval_s == 0 and grid.trial_retries == 2
+    with pytest.raises(GridError) as exc:
+        parse_grid({**MINIMAL, "checkpoint_interval_s": -1, "trial_retries": "x"})
+    assert "checkpoint_interval_s" in str(exc.value) and "trial_retries" in str(exc.value)

@@ -10,6 +10,7 @@ from fakes import FakeStore
 from torch.utils.data import DataLoader
 
 from study import engine
+from study.config import TrainConfig
 from study.data import SliceDataset
 from study.model import build_model, seed_everything
 
@@ -101,8 +102,8 @@ def test_fit_learns_bright_vs_dark():
     model = build_model(freeze="none")
     seen = []
     result = engine.fit(
-        model, train_loader, val_loader, epochs=2, optimizer="adamw", lr=1e-3,
-        on_epoch=lambda epoch, m: seen.append((epoch, m["val_subject_acc"], m["val_loss"])),
+        model, train_loader, val_loader, TrainConfig(epochs=2, optimizer="adamw", lr=1e-3),
+        on_epoch=lambda epoch, m, state: seen.append((epoch, m["val_subject_acc"], m["val_loss"])),
     )
     assert [e for e, _, _ in seen] == [1, 2] and len(result["history"]) == 2
     assert result["best_val_subject_acc"] == 1.0
@@ -132,8 +133,8 @@ def test_fit_restores_best_epoch_weights(monkeypatch, scripted, best):
     monkeypatch.setattr(engine, "evaluate", fake_evaluate)
     weights = {}
     result = engine.fit(
-        model, loader, loader, epochs=3, optimizer="sgd", lr=0.5,
-        on_epoch=lambda e, m: weights.__setitem__(e, model.backbone.fc.weight.detach().clone()),
+        model, loader, loader, TrainConfig(epochs=3, optimizer="sgd", lr=0.5),
+        on_epoch=lambda e, m, state: weights.__setitem__(e, model.backbone.fc.weight.detach().clone()),
     )
     assert result["best_epoch"] == best
     assert (result["best_val_subject_acc"], result["best_val_loss"]) == scripted[best - 1]
@@ -146,11 +147,63 @@ def test_fit_stops_when_on_epoch_returns_true_and_propagates_errors():
     store, labels = bright_dark_store(4, slices=2, shape=(16, 16))
     loader = DataLoader(SliceDataset(store, np.arange(4), labels), batch_size=4)
     model = build_model(freeze="fc")
-    result = engine.fit(model, loader, loader, epochs=5, optimizer="sgd", lr=0.01, on_epoch=lambda e, m: True)
+    result = engine.fit(model, loader, loader, TrainConfig(epochs=5, optimizer="sgd", lr=0.01),
+                        on_epoch=lambda e, m, state: True)
     assert len(result["history"]) == 1 and result["best_epoch"] == 1
 
-    def stop(epoch, metrics):
+    def stop(epoch, metrics, state):
         raise KeyboardInterrupt("tune says stop")
 
     with pytest.raises(KeyboardInterrupt):
-        engine.fit(model, loader, loader, epochs=2, optimizer="sgd", lr=0.01, on_epoch=stop)
+        engine.fit(model, loader, loader, TrainConfig(epochs=2, optimizer="sgd", lr=0.01), on_epoch=stop)
+
+
+def test_fit_resumed_from_a_checkpoint_follows_the_uninterrupted_run():
+    """A trial killed after epoch 2 and resumed from its checkpoint (through torch.save and a
+    weights_only load, as Tune restores it) ends bit-identical to one that never stopped."""
+    import io
+
+    store, labels = bright_dark_store(12, slices=2, shape=(16, 16))
+    cfg = TrainConfig(epochs=4, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=5)
+
+    def fresh():
+        seed_everything(0)
+        model = build_model(freeze="layer4")
+        ds = SliceDataset(store, np.arange(12), labels)
+        train = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return model, train, DataLoader(ds, batch_size=16)
+
+    model, train_loader, val_loader = fresh()
+    whole = engine.fit(model, train_loader, val_loader, cfg)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, train_loader, val_loader = fresh()
+    buffer = io.BytesIO()
+
+    def stop_after_two(epoch, metrics, state):
+        if epoch == 2:
+            torch.save({"module": model.state_dict(), "fit": state.to_dict()}, buffer)
+            return True
+
+    engine.fit(model, train_loader, val_loader, cfg, on_epoch=stop_after_two)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model, train_loader, val_loader = fresh()  # a new process: fresh model, loaders, generator
+    model.load_state_dict(saved["module"])
+    resumed = engine.fit(model, train_loader, val_loader, cfg, state=engine.FitState.from_dict(saved["fit"]))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    untimed = lambda history: [{k: v for k, v in h.items() if k != "time_s"} for h in history]  # noqa: E731
+    assert untimed(resumed["history"]) == untimed(whole["history"])
+    assert resumed["best_epoch"] == whole["best_epoch"]
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+
+def test_fit_selects_with_a_custom_key():
+    seed_everything(0)
+    store, labels = bright_dark_store(4, slices=2, shape=(16, 16))
+    loader = DataLoader(SliceDataset(store, np.arange(4), labels), batch_size=4)
+    model = build_model(freeze="fc")
+    result = engine.fit(model, loader, loader, TrainConfig(epochs=3, lr=0.01),
+                        select_key=lambda m: (-m["epoch"],))  # earliest epoch wins
+    assert result["best_epoch"] == 1
+    assert {"val_subject_balanced_acc", "val_subject_auroc"} <= set(result["history"][0])

@@ -94,9 +94,7 @@ def test_cached_trial_equals_uncached_trial(freeze, tmp_path):
         assert (fit_model is not model) == on, info
         assert info["feature_cache"] == "used" if on else info["feature_cache"].startswith("off")
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        out = fit(fit_model, loaders["train"], loaders["val"], epochs=train.epochs,
-                  optimizer=train.optimizer, lr=train.lr, momentum=train.momentum,
-                  weight_decay=train.weight_decay)
+        out = fit(fit_model, loaders["train"], loaders["val"], train)
         image_loader = torch.utils.data.DataLoader(
             SliceDataset(store, np.arange(len(store.subjects)), np.zeros(len(store.subjects))), batch_size=16)
         probs, _, _ = predict(model, image_loader)  # the full model, from images

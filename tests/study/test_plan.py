@@ -100,3 +100,11 @@ def test_nested_cv_rejects_asha_and_single_fold():
     with pytest.raises(Exception) as exc:
         _grid(protocol="nested_cv", scheduler="asha", split={"test": 0.2, "folds": 1})
     assert "split.folds" in str(exc.value) and "scheduler" in str(exc.value)
+
+
+def test_more_slices_per_subject_than_subjects_have_is_refused():
+    store = _store()
+    grid = _grid(train={"slices_per_subject": 99})
+    with pytest.raises(PlanError) as exc:
+        plan_cells(grid, store)
+    assert "train.slices_per_subject: 99" in str(exc.value) and "fewest:" in str(exc.value)

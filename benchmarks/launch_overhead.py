@@ -1,0 +1,173 @@
+"""Benchmark: what a launch costs beyond training (Ray + MLflow + checkpoints), and how busy
+the CPUs stay over a grid.
+
+    .venv/bin/python benchmarks/launch_overhead.py overhead --subjects 160 --trials 4
+    .venv/bin/python benchmarks/launch_overhead.py busy --store data/demo/store.zarr   # the demo grid
+
+Both run the real launch path (study/launch.py's main: local Ray, a real MLflow server in a
+temporary home, Tune + Optuna, checkpoints), in this process.
+
+overhead: cached fc-only trials (freeze fc, weights none, the seed's SGD and batch 8, 50
+    epochs) on a synthetic store. Each trial logs time_compute_s (its epochs' training and
+    validation compute, study.engine.fit's time_s) and time_trial_s (from entering run_trial
+    to its end). Per-trial overhead = (trial phase wall x concurrent trials - sum of compute) /
+    trials, where the trial phase runs from the launch run's start to the last trial's end:
+    it charges worker start-up, imports, MLflow runs, store and feature reads, checkpoints and
+    Tune's scheduling to the trials. Goal: <= 20% of the trial.
+busy: the CPU time the whole machine spent busy (/proc/stat, all cores) over the launch of a
+    grid (default ablations/demo.yaml), from Ray's start to the results table. Goal: >= 85%.
+    Anything else running on the machine counts too: measure on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores since boot."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class BusySampler(threading.Thread):
+    """Samples /proc/stat once a second; busy_fraction() over the sampled span."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), *cpu_times()))
+            self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+        self.samples.append((time.time(), *cpu_times()))
+
+    def busy_fraction(self, start: float | None = None, end: float | None = None) -> float:
+        picked = [s for s in self.samples if (start is None or s[0] >= start) and (end is None or s[0] <= end)]
+        (_, b0, t0), (_, b1, t1) = picked[0], picked[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def build_store(root: Path, subjects: int) -> Path:
+    from data_prep.build_store import main as build_main
+    from data_prep.synth import generate_cohort
+
+    generate_cohort(root / "cohort", subjects=subjects, seed=11, matrix=(128, 256))
+    (root / "salt").write_text("benchmark-salt-0123456789abcdef\n")
+    store = root / "store.zarr"
+    build_main(["--dicom", str(root / "cohort" / "oai" / "dicom"), "--tables", str(root / "cohort" / "oai" / "tables"),
+                "--cohort", "oai", "--out", str(store), "--size", "64x128", "--salt-file", str(root / "salt")])
+    return store
+
+
+def run_launch(grid: dict, root: Path, url: str, cpus: int) -> tuple[str, BusySampler, float]:
+    from study.launch import main as launch_main
+
+    path = root / f"{grid['name']}.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    sampler = BusySampler()
+    sampler.start()
+    t0 = time.time()
+    rc = launch_main(["--grid", str(path), "--tracking-uri", url, "--num-cpus", str(cpus),
+                      "--storage-path", str(root / "ray"), "--quiet", "--new"])
+    wall = time.time() - t0
+    sampler.stop()
+    if rc != 0:
+        raise SystemExit(f"the launch failed (exit {rc})")
+    return grid["name"], sampler, wall
+
+
+def overhead(args, root: Path, url: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    store = Path(args.store) if args.store else build_store(root, args.subjects)
+    grid = {"question": "What does a cached fc-only trial cost beyond its training?", "name": "bench_overhead",
+            "store": str(store), "grid": {"cohort": ["oai"], "measure": ["leg_strength", "gait_speed_short"]},
+            "search": {"lr": {"loguniform": [1e-4, 1e-2]}}, "trials_per_cell": args.trials,
+            "optuna_startup_trials": args.trials,
+            "train": {"epochs": args.epochs, "batch_size": 8, "optimizer": "sgd", "momentum": 0.9,
+                      "freeze": "fc", "weights": "none"},
+            "split": {"val": 0.2, "test": 0.2, "seed": 0}, "resources_per_trial": {"cpu": 1, "gpu": 0}}
+    name, sampler, wall = run_launch(grid, root, url, args.cpus)
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name(name)
+    launch = client.search_runs([exp.experiment_id], "tags.run_type = 'launch'",
+                                order_by=["attributes.start_time DESC"])[0]
+    trials = [r for r in client.search_runs([exp.experiment_id], "tags.run_type = 'trial'", max_results=1000)
+              if r.data.tags["mlflow.parentRunId"] != launch.info.run_id]
+    compute = sum(t.data.metrics["time_compute_s"] for t in trials)
+    phase = (max(t.info.end_time for t in trials) - launch.info.start_time) / 1000
+    slots = min(args.cpus, len(trials))
+    per_trial = (phase * slots - compute) / len(trials)
+    mean_compute = compute / len(trials)
+    return {"mode": "overhead", "subjects": args.subjects, "trials": len(trials), "epochs": args.epochs,
+            "cpus": args.cpus, "launch_wall_s": round(wall, 1), "trial_phase_wall_s": round(phase, 1),
+            "compute_per_trial_s": round(mean_compute, 2),
+            "setup_per_trial_s": round(sum(t.data.metrics["time_setup_s"] for t in trials) / len(trials), 2),
+            "overhead_per_trial_s": round(per_trial, 2),
+            "overhead_fraction": round(per_trial / (per_trial + mean_compute), 3),
+            "busy_fraction": round(sampler.busy_fraction(), 3)}
+
+
+def busy(args, root: Path, url: str) -> dict:
+    from study.config import load_grid
+
+    grid_path = Path(args.grid)
+    raw = yaml.safe_load(grid_path.read_text())
+    raw["name"] = "bench_busy"
+    if args.store:
+        raw["store"] = args.store
+    load_grid(grid_path)  # the shipped grid must parse as it is
+    name, sampler, wall = run_launch(raw, root, url, args.cpus)
+    return {"mode": "busy", "grid": str(grid_path), "store": raw["store"], "cpus": args.cpus,
+            "launch_wall_s": round(wall, 1), "busy_fraction": round(sampler.busy_fraction(), 3)}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=("overhead", "busy"))
+    p.add_argument("--store", default=None, help="an existing store (default: build a synthetic one)")
+    p.add_argument("--subjects", type=int, default=160, help="synthetic OAI participants (overhead)")
+    p.add_argument("--trials", type=int, default=4, help="trials per cell (overhead; 2 cells)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--grid", default=str(REPO / "ablations" / "demo.yaml"), help="grid to run (busy)")
+    p.add_argument("--cpus", type=int, default=2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from mlflow_server import server
+
+    args = get_args_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_launch_", dir="/tmp") as tmp:
+        root = Path(tmp)
+        info = server.start(root / "mlflow", port=server.free_port(), timeout=120)
+        try:
+            out = (overhead if args.mode == "overhead" else busy)(args, root, info.url)
+        finally:
+            server.stop(root / "mlflow")
+    out["load_avg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

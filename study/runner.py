@@ -1,0 +1,151 @@
+"""Run a launch's cells on Ray: submit them all, collect each as it finishes, show progress,
+and stop gracefully on SIGINT/SIGTERM.
+
+    rows, signum = run_cells(contexts, grid, storage_path=..., launch_run_id=..., client=...)
+
+Each cell is one zero-CPU Ray task (study.search.run_cell_search) that runs its Tune
+experiment; its trials hold the CPUs/GPUs. Results are collected with `ray.wait` as cells
+finish, so a crashed cell never hides the others' results. On the first SIGINT/SIGTERM every
+running cell task gets SIGUSR1 (Ray Tune's own "stop and save" signal: it checkpoints the
+experiment with its unfinished trials, which `--resume` continues); after GRACE_S the rest is
+cancelled. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+GRACE_S = 25.0  # Slurm and Kubernetes send SIGKILL 30 s after SIGTERM by default
+POLL_S = 0.5
+
+
+class SignalCatcher:
+    """Records SIGINT/SIGTERM instead of raising, so the collect loop can stop gracefully."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.count = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalCatcher:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+        self.count += 1
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _signal_cell(pid: int, node: str, here: str) -> None:
+    """Send Tune's stop-and-save signal to a cell task, on whichever node it runs."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if node == here:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            pass
+        return
+    ray.remote(num_cpus=0, max_retries=0)(os.kill).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(pid, signal.SIGUSR1)
+
+
+def _collect(ref, ctx, client) -> dict[str, Any]:
+    """A finished cell task's row; a task that crashed (worker died, OOM) becomes a failed row."""
+    import ray
+
+    from study import tracking
+
+    try:
+        return ray.get(ref)
+    except Exception as exc:  # RayTaskError, WorkerCrashedError, TaskCancelledError, ...
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+        try:
+            client.set_tag(ctx.cell_run_id, "error", reason)
+            tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
+            client.set_terminated(ctx.cell_run_id, "FAILED")
+        except Exception:
+            pass
+        return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
+                "status": f"failed: the cell task died ({reason})"}
+
+
+def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, client, launch_run_id: str,
+              display, hub, heartbeat) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """Run the cells of `contexts` (CellContext each) until all finish or a signal arrives.
+
+    Returns:
+        ({cell name: results row}, the signal number that stopped the launch or None). Rows of
+        cells stopped by the signal have status "interrupted".
+    """
+    import ray
+
+    from study import progress
+    from study.search import remote_cell_runner
+
+    runner = remote_cell_runner()
+    pending = {runner.remote(ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent): ctx
+               for ctx in contexts}
+    rows: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, tuple[int, str]] = {}  # cell -> (pid, node) of its running task
+    here = ray.get_runtime_context().get_node_id()
+    cursor, last_beat = 0, time.monotonic()
+
+    def pump() -> None:
+        nonlocal cursor
+        cursor, events = progress.drain(hub, cursor)
+        for e in events:
+            if e.get("kind") == "cell_start":
+                tasks[e["cell"]] = (int(e["pid"]), str(e["node"]))
+        display.update(events)
+
+    def take(ready) -> None:
+        for ref in ready:
+            ctx = pending.pop(ref)
+            row = _collect(ref, ctx, client)
+            rows[ctx.cell.name] = row
+            tasks.pop(ctx.cell.name, None)
+            if row.get("status") != "interrupted":
+                display.cell_finished(ctx.cell.name, row)
+
+    with SignalCatcher() as caught:
+        while pending and caught.signum is None:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            pump()
+            take(ready)
+            if time.monotonic() - last_beat >= heartbeat[1]:
+                heartbeat[0]()
+                last_beat = time.monotonic()
+        if caught.signum is None:
+            return rows, None
+        # graceful stop: Tune saves each cell's experiment with its unfinished trials
+        display.close()
+        name = signal.Signals(caught.signum).name
+        print(f"\n{name} received: stopping {len(pending)} running cell(s) (they save their state for --resume); "
+              f"up to {GRACE_S:.0f} s, send {name} again to stop at once", flush=True)
+        pump()
+        for ctx in pending.values():
+            if ctx.cell.name in tasks:
+                _signal_cell(*tasks[ctx.cell.name], here)
+            else:  # not started yet: nothing to save
+                ray.cancel(next(r for r, c in pending.items() if c is ctx), force=True)
+        deadline = time.monotonic() + GRACE_S
+        while pending and time.monotonic() < deadline and caught.count < 2:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            take(ready)
+            pump()
+        for ref, ctx in list(pending.items()):
+            ray.cancel(ref, force=True)
+            rows[ctx.cell.name] = {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
+                                   "status": "interrupted"}
+        pending.clear()
+        return rows, caught.signum
