@@ -93,6 +93,7 @@ def run_old(parts, opt: str, epochs: int, *, check: bool, seed: int = 0) -> dict
     import torch
 
     from study import engine, features
+    from study.config import TrainConfig
 
     def make_loaders():
         loaders = {}
@@ -108,7 +109,7 @@ def run_old(parts, opt: str, epochs: int, *, check: bool, seed: int = 0) -> dict
     loaders = make_loaders()
     w0 = {k: v.clone() for k, v in model.backbone.fc.state_dict().items()}
     rss, t0 = (_rss_kib(), _peak_kib()), _clock()
-    engine.fit(head, loaders["train"], loaders["val"], epochs=epochs, **OPTS[opt])
+    engine.fit(head, loaders["train"], loaders["val"], TrainConfig(epochs=epochs, **OPTS[opt]))
     out = {**_since(t0, epochs), "grew_kib": _grew(rss)}
     if not check:
         return out
@@ -118,9 +119,8 @@ def run_old(parts, opt: str, epochs: int, *, check: bool, seed: int = 0) -> dict
     head.load_state_dict({"fc." + k: v for k, v in w0.items()})
     loaders = make_loaders()  # the shuffle generator starts again
     ref = []
-    engine.fit(head, loaders["train"], loaders["val"], epochs=epochs,
-               on_epoch=lambda e, m: ref.append(engine.evaluate(head, loaders["val"])["subject_probs"]),
-               **OPTS[opt])
+    engine.fit(head, loaders["train"], loaders["val"], TrainConfig(epochs=epochs, **OPTS[opt]),
+               on_epoch=lambda e, m, st: ref.append(engine.evaluate(head, loaders["val"])["subject_probs"]))
     new = ht.fit_head(*parts["train"], *parts["val"], weight=w0["weight"], bias=w0["bias"], epochs=epochs,
                       batch_size=8, seed=seed, **OPTS[opt])
     return {**out, "max_abs_dp": float(np.abs(new.subject_probs - np.array(ref)).max())}

@@ -89,8 +89,9 @@ def torch_fit(train, val, weight, bias, *, epochs, batch_size, seed, **opt):
 
     val_loader = loader(val, False) if val is not None else None
     probs = []
-    on_epoch = (lambda e, m: probs.append(engine.evaluate(head, val_loader)["subject_probs"])) if val else None
-    result = engine.fit(head, loader(train, True), val_loader, epochs=epochs, on_epoch=on_epoch, **opt)
+    on_epoch = (lambda e, m, st: probs.append(engine.evaluate(head, val_loader)["subject_probs"])) if val else None
+    result = engine.fit(head, loader(train, True), val_loader, TrainConfig(epochs=epochs, batch_size=batch_size, **opt),
+                        on_epoch=on_epoch)
     return result, np.array(probs), head
 
 
@@ -120,9 +121,8 @@ def test_matches_engine_fit_on_feature_head(opt, tmp_path):
     assert len(train.labels) % 8 == 4  # the last batch is partial
 
     ref_probs = []
-    ref = engine.fit(head, loaders["train"], loaders["val"], epochs=50,
-                     on_epoch=lambda e, m: ref_probs.append(engine.evaluate(head, loaders["val"])["subject_probs"]),
-                     **opt)
+    ref = engine.fit(head, loaders["train"], loaders["val"], TrainConfig(epochs=50, **opt),
+                     on_epoch=lambda e, m, st: ref_probs.append(engine.evaluate(head, loaders["val"])["subject_probs"]))
     res = ht.fit_head(*train, *val, weight=w0, bias=b0, epochs=50, batch_size=8, seed=0, **opt)
 
     dp = np.abs(res.subject_probs - np.array(ref_probs)).max()
