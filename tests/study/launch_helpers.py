@@ -61,12 +61,17 @@ class Launch:
         return self.log.read_text()
 
 
-def wait_for(condition, *, timeout: float = 600, every: float = 0.3, what: str = "condition"):
-    """Poll condition() until it returns something truthy; fail with `what` after timeout."""
+def wait_for(condition, *, timeout: float = 600, every: float = 0.3, what: str = "condition",
+             too_late=None, log: Path | None = None):
+    """Poll condition() until it returns something truthy; fail with `what` after timeout, or at
+    once when too_late() says the moment has passed (with the launch's log when given)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = condition()
         if found:
             return found
+        if too_late is not None and too_late():
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            pytest.fail(f"the moment for {what} passed unseen; the launch said:\n{tail}")
         time.sleep(every)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -33,7 +33,8 @@ def epochs(client, run_id) -> list[int]:
 
 def lopsided_seed(grid_path, trials: int) -> int:
     """A split seed whose Optuna draws give the somma cell only 1-epoch trials and the oai cell
-    more 6-epoch ones: somma then finishes while oai still trains (so the kill finds both).
+    at least two long ones: somma then finishes (trials, evaluation and model logging, ~25 s
+    on a busy 2-core machine) while oai still trains (so the kill finds both).
 
     Random start-up draws depend only on the sampler seed (study.search.cell_seed), so this
     asks Optuna exactly as the cell's OptunaSearch will."""
@@ -50,9 +51,10 @@ def lopsided_seed(grid_path, trials: int) -> int:
             seed=cell_seed(cell, seed), n_startup_trials=trials))
         return [study.ask(fixed_distributions=space).params["epochs"] for _ in range(trials)]
 
-    for seed in range(200):
+    long = max(space["epochs"].choices)
+    for seed in range(500):
         if max(draws("somma__leg_strength__sex-all__bmi-all", seed)) == 1 and \
-                sum(draws("oai__leg_strength__sex-all__bmi-all", seed)) >= 6 * (trials - 1):
+                sum(draws("oai__leg_strength__sex-all__bmi-all", seed)) >= long * (trials - 1):
             return seed
     pytest.fail("no split seed gives lopsided draws; widen the search")
 
@@ -78,7 +80,7 @@ def test_sigkill_mid_study_then_resume_keeps_finished_cells(two_cohort_store, ml
     from mlflow.tracking import MlflowClient
 
     url = mlflow_server.url
-    spec = dict(search={"lr": {"loguniform": [1e-3, 1e-2]}, "epochs": {"choice": [1, 6]}}, trials_per_cell=3,
+    spec = dict(search={"lr": {"loguniform": [1e-3, 1e-2]}, "epochs": {"choice": [1, 16]}}, trials_per_cell=3,
                 optuna_startup_trials=3, grid={"cohort": ["oai", "somma"], "measure": ["leg_strength"]})
     grid = write_grid(tmp_path / "resume_kill.yaml", two_cohort_store, **spec)
     grid = write_grid(grid, two_cohort_store, **spec, split={"seed": lopsided_seed(grid, trials=3)})
@@ -99,7 +101,12 @@ def test_sigkill_mid_study_then_resume_keeps_finished_cells(two_cohort_store, ml
                   if len(epochs(client, t.info.run_id)) >= 1]
         return (done[0], flying[0]) if flying else None
 
-    finished, in_flight = wait_for(one_cell_done_and_a_trial_in_flight, what="one finished cell + a trial in flight")
+    def both_cells_done():
+        cells = runs_of(client, exp_id, "tags.run_type = 'cell'")
+        return len(cells) == 2 and all(c.info.status == "FINISHED" for c in cells)
+
+    finished, in_flight = wait_for(one_cell_done_and_a_trial_in_flight, what="one finished cell + a trial in flight",
+                                   too_late=both_cells_done, log=first.log)
     first.kill_all()
     assert first.proc.returncode == -signal.SIGKILL
     (launch,) = runs_of(client, exp_id, "tags.run_type = 'launch'")
