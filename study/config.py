@@ -33,8 +33,9 @@ SCHEDULERS = ("none", "asha")
 # holdout: select on validation subjects, report on untouched test subjects (the default).
 # seed_replication: the seed abstract's protocol (train/val only, validation accuracy reported);
 # optimistic by construction, kept only to reproduce the published number.
-# nested_cv: for small strata; hyperparameters and epochs chosen by k-fold CV on the non-test
-# subjects, the chosen configuration refitted on all of them and reported on the test subjects.
+# nested_cv: for small strata; every subject tested once over split.outer_folds outer folds, in
+# each the hyperparameters and epochs chosen by split.folds-fold CV on its training subjects,
+# refitted on all of them; the outer folds' test predictions are pooled (study/plan.py).
 PROTOCOLS = ("holdout", "seed_replication", "nested_cv")
 # what picks the epoch, the trial and ASHA's survivors on validation subjects (study/selection.py);
 # a constant predictor scores 0.5 balanced accuracy and AUROC, so it cannot win those
@@ -69,7 +70,7 @@ class SplitConfig:
     test: float = 0.15  # subjects never seen until the selected model is evaluated
     seed: int = 0
     stratify_sex: bool = True
-    folds: int = 5  # inner folds of protocol nested_cv (train+val subjects; test stays outside)
+    folds: int = 5  # inner folds of nested CV, inside each outer fold's training subjects
     outer_folds: int = 5  # nested_cv: every subject tested once; fold 0 = holdout's test set when test = 1/outer_folds
     stratify_bmi: bool = True  # deal each cohort's subjects by BMI group too (study/splits.py)
     stratify_measure: str | None = None  # also by this measure's provisional (cohort-median) label
