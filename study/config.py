@@ -34,9 +34,14 @@ SCHEDULERS = ("none", "asha")
 # holdout: select on validation subjects, report on untouched test subjects (the default).
 # seed_replication: the seed abstract's protocol (train/val only, validation accuracy reported);
 # optimistic by construction, kept only to reproduce the published number.
-# nested_cv: for small strata; hyperparameters and epochs chosen by k-fold CV on the non-test
-# subjects, the chosen configuration refitted on all of them and reported on the test subjects.
+# nested_cv: for small strata; every subject tested once over split.outer_folds outer folds, in
+# each the hyperparameters and epochs chosen by split.folds-fold CV on its training subjects,
+# refitted on all of them; the outer folds' test predictions are pooled (study/plan.py).
 PROTOCOLS = ("holdout", "seed_replication", "nested_cv")
+# what picks the epoch, the trial and ASHA's survivors on validation subjects (study/selection.py);
+# a constant predictor scores 0.5 balanced accuracy and AUROC, so it cannot win those
+SELECT_ON = ("balanced_acc", "auroc", "loss", "acc")
+SMALL_CELLS = ("refuse", "nested_cv")  # a cell short of min_test_per_class: refused, or run under nested CV
 
 
 class GridError(ValueError):
@@ -89,7 +94,10 @@ class SplitConfig:
     test: float = 0.15  # subjects never seen until the selected model is evaluated
     seed: int = 0
     stratify_sex: bool = True
-    folds: int = 5  # inner folds of protocol nested_cv (train+val subjects; test stays outside)
+    folds: int = 5  # inner folds of nested CV, inside each outer fold's training subjects
+    outer_folds: int = 5  # nested_cv: every subject tested once; fold 0 = holdout's test set when test = 1/outer_folds
+    stratify_bmi: bool = True  # deal each cohort's subjects by BMI group too (study/splits.py)
+    stratify_measure: str | None = None  # also by this measure's provisional (cohort-median) label
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,12 @@ class GridConfig:
     # its last checkpoint, and after its last epoch: a pre-empted trial loses at most this much
     checkpoint_interval_s: float = 30.0
     trial_retries: int = 1  # a trial whose worker dies restarts from its checkpoint this often
+    # 9 per class = at least 18 test subjects: the 95% Clopper-Pearson CI of accuracy is then narrower than +-0.25
+    min_test_per_class: int = 9
+    small_cells: str = "refuse"  # or nested_cv: a cell short of min_test_per_class runs under nested CV
+    select_on: str = "balanced_acc"
+    multiplicity_family: tuple[str, ...] = ()  # axes splitting the launch into families; () = one family
+    allow_threshold_fit_all: bool = False  # threshold_fit: all outside seed_replication labels test subjects with their own values
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     resources_per_trial: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -371,7 +385,8 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     scheduler = raw.get("scheduler", "none")
     if scheduler not in SCHEDULERS:
         errors.append(f"scheduler: unknown value {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
-    ints = {"trials_per_cell": 1, "optuna_startup_trials": 0, "min_subjects_per_cell": 6, "trial_retries": 0}
+    ints = {"trials_per_cell": 1, "optuna_startup_trials": 0, "min_subjects_per_cell": 6, "trial_retries": 0,
+            "min_test_per_class": 1}
     for key, low in ints.items():
         v = raw.get(key, getattr(GridConfig, key, None))
         if key in raw and (isinstance(v, bool) or not isinstance(v, int) or v < low):
@@ -380,6 +395,7 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     interval = raw.get("checkpoint_interval_s", GridConfig.checkpoint_interval_s)
     if not _is_number(interval) or interval < 0:
         errors.append(f"checkpoint_interval_s: expected a number of seconds >= 0 (0: every epoch), got {interval!r}")
+    statistics = _parse_statistics(raw, split, protocol, threshold_fit, errors)
     for key in ("question", "store"):
         if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
             errors.append(f"{key}: expected a non-empty string, got {raw[key]!r}")
@@ -395,11 +411,46 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
         protocol=protocol, threshold=threshold, threshold_fit=threshold_fit, trials_per_cell=raw.get("trials_per_cell", 8),
         max_concurrent_per_cell=mc, scheduler=scheduler,
         optuna_startup_trials=raw.get("optuna_startup_trials", 3),
-        min_subjects_per_cell=raw.get("min_subjects_per_cell", 20),
+        min_subjects_per_cell=raw.get("min_subjects_per_cell", 20), **statistics,
         checkpoint_interval_s=float(interval), trial_retries=raw.get("trial_retries", 1),
         train=dataclasses.replace(train, epochs=int(train.epochs), batch_size=int(train.batch_size)),
         split=split, resources_per_trial=resources, source=source,
     )
+
+
+def _parse_statistics(raw: dict, split: SplitConfig, protocol: str, threshold_fit: str,
+                      errors: list[str]) -> dict[str, Any]:
+    """select_on, small_cells, multiplicity_family, allow_threshold_fit_all, min_test_per_class
+    and the split's outer_folds / stratify_* (issue 10): checked, as GridConfig keyword arguments."""
+    out = {k: raw.get(k, getattr(GridConfig, k)) for k in ("select_on", "small_cells", "min_test_per_class",
+                                                          "allow_threshold_fit_all")}
+    if out["select_on"] not in SELECT_ON:
+        errors.append(f"select_on: unknown value {out['select_on']!r}; allowed: {', '.join(SELECT_ON)}")
+    if out["small_cells"] not in SMALL_CELLS:
+        errors.append(f"small_cells: unknown value {out['small_cells']!r}; allowed: {', '.join(SMALL_CELLS)}")
+    if not isinstance(out["allow_threshold_fit_all"], bool):
+        errors.append(f"allow_threshold_fit_all: expected true/false, got {out['allow_threshold_fit_all']!r}")
+    elif threshold_fit == "all" and protocol != "seed_replication" and not out["allow_threshold_fit_all"]:
+        errors.append("threshold_fit: all labels test subjects by a median their own values moved; it is the "
+                      "seed's rule for protocol seed_replication only. Use threshold_fit: train, or set "
+                      "allow_threshold_fit_all: true to accept that")
+    family = raw.get("multiplicity_family", "launch")
+    if family == "launch":
+        family = ()
+    elif not (isinstance(family, list) and family and all(a in GRID_AXES for a in family)):
+        errors.append(f"multiplicity_family: expected 'launch' (every cell of the launch is one family) or a list "
+                      f"of grid axes ({', '.join(GRID_AXES)}) giving one family per value, got {family!r}")
+        family = ()
+    out["multiplicity_family"] = tuple(family)
+    nested = protocol == "nested_cv" or out["small_cells"] == "nested_cv"
+    for key in ("folds", "outer_folds") if protocol != "nested_cv" else ("outer_folds",):  # folds: checked above
+        v = getattr(split, key)
+        if nested and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+            errors.append(f"split.{key}: nested CV needs an integer >= 2, got {v!r}")
+    measure = split.stratify_measure
+    if measure is not None and measure not in MEASURES:
+        errors.append(f"split.stratify_measure: unknown measure {measure!r}; allowed: {', '.join(MEASURES)} or null")
+    return out
 
 
 def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> GridConfig:

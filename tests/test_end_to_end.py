@@ -21,6 +21,7 @@ GRID = {
     "trials_per_cell": 2,
     "optuna_startup_trials": 1,
     "min_subjects_per_cell": 20,
+    "min_test_per_class": 1,  # ~11 test subjects: a pipeline check, not a result (default 9 would refuse it)
     "train": {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "weights": "none",
               "slices_per_subject": 3},
     "split": {"val": 0.2, "test": 0.25, "seed": 0},

@@ -109,3 +109,18 @@ def test_paired_difference():
     assert diff_rev == -diff and high_rev < 0
     with pytest.raises(ValueError):
         paired_difference(y, y[:-1], y)
+
+
+def test_size_comparison_reports_accuracy_and_auroc_differences():
+    from study.body_size import FEATURES, SIZE_MODEL_NAME, size_comparison
+
+    assert "age" in FEATURES and SIZE_MODEL_NAME == "size+age"
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 120)
+    cnn = np.clip(0.5 + (y - 0.5) * 0.5 + rng.normal(0, 0.2, 120), 0, 1)
+    size = rng.random(120)
+    out = size_comparison(y, cnn, size, n_boot=400)
+    assert set(out) == {f"cnn_minus_size_age_{k}" for k in ("acc", "acc_ci_low", "acc_ci_high", "acc_p", "auroc",
+                                                            "auroc_ci_low", "auroc_ci_high", "auroc_p")}
+    assert out["cnn_minus_size_age_acc_ci_low"] > 0 and out["cnn_minus_size_age_auroc_ci_low"] > 0
+    assert out["cnn_minus_size_age_acc_p"] < 0.001 and out["cnn_minus_size_age_auroc_p"] < 0.001
