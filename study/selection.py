@@ -1,6 +1,8 @@
 """Which epoch, trial and ASHA survivor is best on validation subjects (`select_on` in the grid).
 
-    from study.selection import validation_metrics, selection_score, tune_metric
+    from study.selection import validation_metrics, selection_score, tune_metric, epoch_key
+
+    fit(..., select_key=epoch_key(grid.select_on))  # study.engine: which epoch is the trial's best
 
     m = validation_metrics(val["subject_labels"], val["subject_probs"], loss=val["loss"])
     key = selection_score(m, grid.select_on)       # tuple; larger is better, compare with >
@@ -62,3 +64,28 @@ def selection_score(metrics: dict[str, float], select_on: str) -> tuple[float, f
     """Comparable key of an epoch or trial: (select_on value, -val_loss); larger is better."""
     loss = float(metrics.get("val_loss", math.nan))
     return selection_value(metrics, select_on), (-math.inf if math.isnan(loss) else -loss)
+
+
+# study.engine's epoch metric names -> the names selection reads
+_ENGINE_NAMES = {"val_acc": "val_subject_acc", "val_balanced_acc": "val_subject_balanced_acc",
+                 "val_auroc": "val_subject_auroc", "val_loss": "val_loss"}
+
+
+def from_engine(metrics: dict[str, float]) -> dict[str, float]:
+    """An engine epoch's metrics (val_subject_*) under the names used here (val_*)."""
+    return {name: float(metrics.get(engine, math.nan)) for name, engine in _ENGINE_NAMES.items()}
+
+
+def epoch_key(select_on: str):
+    """study.engine.fit's select_key for this select_on: ranks an epoch from its metrics."""
+    _check(select_on)
+    return lambda metrics: selection_score(from_engine(metrics), select_on)
+
+
+# what Tune and Optuna receive for an undefined value (-inf is not a number Optuna can rank)
+WORST_SCORE = -1e9
+
+
+def reportable(score: float) -> float:
+    """A selection value as Tune / Optuna take it: finite, larger is better."""
+    return score if math.isfinite(score) else WORST_SCORE
