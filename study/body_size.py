@@ -242,21 +242,3 @@ def size_comparison(y_true: np.ndarray, cnn_probs: np.ndarray, size_probs: np.nd
     return {f"{p}acc": acc["diff"], f"{p}acc_ci_low": acc["ci_low"], f"{p}acc_ci_high": acc["ci_high"],
             f"{p}acc_p": acc["p"], f"{p}auroc": roc["diff"], f"{p}auroc_ci_low": roc["ci_low"],
             f"{p}auroc_ci_high": roc["ci_high"], f"{p}auroc_p": roc["p"]}
-
-
-def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *,
-                      n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
-    """accuracy(a) − accuracy(b) on the same subjects, with a paired bootstrap CI (BCa).
-
-    Kept for today's search.py; size_comparison() adds the test and the AUROC difference.
-
-    Returns:
-        (difference on all subjects, CI low, CI high).
-    """
-    from study.paired import accuracy_difference
-
-    y, a, b = (np.asarray(v).astype(np.int64) for v in (y_true, pred_a, pred_b))
-    if not (y.shape == a.shape == b.shape) or y.ndim != 1 or y.size == 0:
-        raise ValueError(f"need equal non-empty 1-D arrays, got {y.shape}, {a.shape}, {b.shape}")
-    d = accuracy_difference(a == y, b == y, n_boot=n_boot, seed=seed, alpha=alpha)
-    return d["diff"], d["ci_low"], d["ci_high"]

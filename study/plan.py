@@ -24,9 +24,9 @@ fold j; its "train" is every other subject of the cell; "fold0".."fold{m-1}" (m 
 `split.folds`) partition that "train" for selection; its threshold comes from its own training
 subjects, so a subject's label can differ between folds where it trains and where it is
 tested (each test subject is labelled by the threshold of the fold that tests it). Scoring
-pools the outer-fold test predictions (study.metrics.pooled_outer_summary). For today's
-search.py, a nested-CV plan's `split`/`labels`/`threshold` are outer fold 0's, with an empty
-"val": the one outer holdout it runs until it loops over `outer_folds`.
+pools the outer-fold test predictions (study.metrics.pooled_outer_summary). A nested-CV plan's
+own `split`/`labels`/`threshold` are outer fold 0's, with an empty "val" (what the plan print
+shows); study/search.py runs one search per entry of `outer_folds`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.store import open_store, pseudonym
 from study import data
-from study.body_size import (fit_size_baseline, paired_difference, size_baseline, size_features,
+from study.body_size import (fit_size_baseline, size_baseline, size_features,
                              thigh_areas, tissue_masks)
 
 SALT = "body-size-test-salt-0123456789"
@@ -95,20 +95,6 @@ def test_size_baseline_imputes_missing_bmi(cohort):
     assert np.isfinite(model.predict_proba(features.to_numpy(dtype=float))).all()
     with pytest.raises(ValueError, match="both classes"):
         fit_size_baseline(features, np.zeros(len(rows)))
-
-
-def test_paired_difference():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 80)
-    noisy = np.where(rng.random(80) < 0.5, y, 1 - y)
-    diff, low, high = paired_difference(y, noisy, noisy, n_boot=500, seed=0)
-    assert diff == 0 and low <= 0 <= high
-    diff, low, high = paired_difference(y, y, noisy, n_boot=500, seed=0)
-    assert diff == pytest.approx(1 - np.mean(noisy == y)) and 0 < low <= diff <= high
-    diff_rev, low_rev, high_rev = paired_difference(y, noisy, y, n_boot=500, seed=0)
-    assert diff_rev == -diff and high_rev < 0
-    with pytest.raises(ValueError):
-        paired_difference(y, y[:-1], y)
 
 
 def test_size_comparison_reports_accuracy_and_auroc_differences():
