@@ -1,13 +1,19 @@
-"""Body-size baseline: does imaging add anything beyond BMI, sex and thigh areas?
+"""Body-size baseline ("size+age"): does imaging add anything beyond BMI, sex, age and thigh areas?
 
 Usage::
 
-    from study.body_size import paired_difference, size_baseline, thigh_areas
+    from study.body_size import size_baseline, size_comparison, thigh_areas
 
     areas = thigh_areas(store, rows)                  # muscle / fat / total area per subject
     size = size_baseline(store, ctx.split, ctx.labels, seed=0)
     size["acc"], size["acc_ci_low"], size["auroc"]    # study.metrics.summarize keys
-    diff, low, high = paired_difference(y_test, cnn_pred, size_pred, n_boot=2000, seed=0)
+    cmp = size_comparison(y_test, cnn_probs, size["test_probs"], seed=0)
+    cmp["cnn_minus_size_age_acc"], cmp["cnn_minus_size_age_auroc"], cmp["cnn_minus_size_age_auroc_p"]
+
+Age is a feature because MRI encodes it too (fat infiltration of muscle rises with age, and
+strength falls with it): a CNN that only read age off the image must not look like imaging
+adding something. The baseline is named for what it holds, "size+age" (metric prefix
+`size_age_`, SIZE_MODEL_NAME).
 
 Areas come from intensity thresholds of the stored images, which the recipe already scaled
 to 0..1 between the series' 0.5th and 99.5th percentiles: air is near 0, and the brightest
@@ -24,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage, stats
+from scipy import ndimage
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -34,7 +40,9 @@ from sklearn.preprocessing import StandardScaler
 # air (~0) and muscle (~0.3). Above T_FAT a pixel is fat: halfway between muscle and fat (~0.9).
 T_BACKGROUND = 0.15
 T_FAT = 0.6
-FEATURES = ("bmi", "sex", "muscle_area", "fat_area", "total_area")
+FEATURES = ("bmi", "sex", "age", "muscle_area", "fat_area", "total_area")
+SIZE_MODEL_NAME = "size+age"  # what the baseline holds; MLflow metric keys use METRIC_PREFIX
+METRIC_PREFIX = "size_age_"
 SPACING_COLUMNS = ("pixel_spacing_row_mm", "pixel_spacing_col_mm")
 # the size model sees no hyperparameter search, so the CNN's selection partition is fair to use
 DEFAULT_FIT_ON = ("train", "val")
@@ -140,12 +148,15 @@ def thigh_areas(store: Any, rows: np.ndarray, *,
 
 
 def size_features(store: Any, rows: np.ndarray, areas: pd.DataFrame | None = None) -> pd.DataFrame:
-    """FEATURES per subject: BMI (NaN if missing), sex (1 = male, 0 = female, NaN unknown), areas."""
+    """FEATURES per subject: BMI (NaN if missing), sex (1 = male, 0 = female, NaN unknown), age
+    in years (NaN if missing), areas."""
     rows = np.asarray(rows, dtype=np.int64)
     areas = thigh_areas(store, rows) if areas is None else areas.loc[rows]
     subjects = store.subjects.iloc[rows]
     sex = subjects["sex"].map({"male": 1.0, "female": 0.0}).to_numpy(dtype=float, na_value=np.nan)
-    df = pd.DataFrame({"bmi": subjects["bmi"].to_numpy(dtype=float, na_value=np.nan), "sex": sex},
+    age = (subjects["age"].to_numpy(dtype=float, na_value=np.nan) if "age" in subjects
+           else np.full(rows.size, np.nan))
+    df = pd.DataFrame({"bmi": subjects["bmi"].to_numpy(dtype=float, na_value=np.nan), "sex": sex, "age": age},
                       index=pd.Index(rows, name="row"))
     df = df.join(areas[["muscle_area", "fat_area", "total_area"]])
     df.attrs["unit"] = areas.attrs.get("unit", "px")
@@ -155,7 +166,7 @@ def size_features(store: Any, rows: np.ndarray, areas: pd.DataFrame | None = Non
 def fit_size_baseline(features_train: pd.DataFrame | np.ndarray, y_train: np.ndarray) -> Pipeline:
     """Logistic regression of the label on standardised body-size features.
 
-    Missing values (BMI, sex) are imputed with the training median (for 0/1 sex: the majority
+    Missing values (BMI, sex, age) are imputed with the training median (for 0/1 sex: the majority
     sex), inside the pipeline so that test subjects get the training values. The L2 strength is
     chosen by stratified k-fold cross-validation (log loss) inside the training subjects: area,
     sex and BMI are strongly collinear, and a fixed strong penalty spreads the weight over them
@@ -185,7 +196,7 @@ def size_baseline(store: Any, split: dict[str, np.ndarray], labels: dict[str, np
     The majority-class baseline inside the summary uses the *train* labels, as for the CNN.
 
     Returns:
-        The study.metrics.summarize keys (acc, acc_ci_low, ..., baseline_acc, perm_p), plus
+        The study.metrics.summarize keys (acc, acc_ci_low, ..., baseline_acc, vs_baseline_p), plus
         "test_rows", "test_probs" (arrays aligned with split["test"]), "fit_on", "unit",
         "coef" ({feature: standardised coefficient}) and "C" (the chosen inverse L2 strength).
     """
@@ -209,26 +220,25 @@ def size_baseline(store: Any, split: dict[str, np.ndarray], labels: dict[str, np
     return out
 
 
-def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *,
-                      n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
-    """accuracy(a) − accuracy(b) on the same subjects, with a paired percentile bootstrap CI.
+def size_comparison(y_true: np.ndarray, cnn_probs: np.ndarray, size_probs: np.ndarray, *,
+                    n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
+    """CNN minus the size+age model on the same test subjects: accuracy and AUROC differences.
 
-    Subjects are resampled once per replicate for both predictors (scipy.stats.bootstrap,
-    paired=True), so the CI reflects the correlation between the two predictors' errors.
+    Two-sided tests (exact McNemar; DeLong) and paired bootstrap CIs (study/paired.py).
 
     Returns:
-        (difference on all subjects, lower alpha/2 quantile, upper 1 - alpha/2 quantile).
+        cnn_minus_size_age_acc, _acc_ci_low, _acc_ci_high, _acc_p, cnn_minus_size_age_auroc,
+        _auroc_ci_low, _auroc_ci_high, _auroc_p (all keys start with "cnn_minus_size_age_").
     """
-    y, a, b = (np.asarray(v).astype(np.int64) for v in (y_true, pred_a, pred_b))
-    if not (y.shape == a.shape == b.shape) or y.ndim != 1 or y.size == 0:
-        raise ValueError(f"need equal non-empty 1-D arrays, got {y.shape}, {a.shape}, {b.shape}")
-    diff = float(np.mean(a == y) - np.mean(b == y))
-    if y.size < 2:
-        return diff, float("nan"), float("nan")
+    from study.engine import SUBJECT_THRESHOLD
+    from study.paired import accuracy_difference, auroc_difference
 
-    def statistic(yy, aa, bb, axis=-1):
-        return np.mean(aa == yy, axis=axis) - np.mean(bb == yy, axis=axis)
-
-    res = stats.bootstrap((y, a, b), statistic, paired=True, vectorized=True, n_resamples=n_boot,
-                          confidence_level=1 - alpha, method="percentile", rng=np.random.default_rng(seed))
-    return diff, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    y = np.asarray(y_true).astype(np.int64)
+    cnn, size = np.asarray(cnn_probs, float), np.asarray(size_probs, float)
+    acc = accuracy_difference((cnn >= SUBJECT_THRESHOLD) == y, (size >= SUBJECT_THRESHOLD) == y,
+                              n_boot=n_boot, seed=seed, alpha=alpha)
+    roc = auroc_difference(y, cnn, size, n_boot=n_boot, seed=seed, alpha=alpha)
+    p = "cnn_minus_size_age_"
+    return {f"{p}acc": acc["diff"], f"{p}acc_ci_low": acc["ci_low"], f"{p}acc_ci_high": acc["ci_high"],
+            f"{p}acc_p": acc["p"], f"{p}auroc": roc["diff"], f"{p}auroc_ci_low": roc["ci_low"],
+            f"{p}auroc_ci_high": roc["ci_high"], f"{p}auroc_p": roc["p"]}

@@ -7,41 +7,25 @@ in one error (key path, bad value, what is allowed) before Ray or MLflow is touc
     from study.config import load_grid
     grid = load_grid("ablations/demo.yaml")
     for cell in grid.cells(): print(cell.name)
+
+The types and allowed values live in study/grid_schema.py (re-exported here); this module
+reads YAML and checks it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-MEASURES = ("leg_strength", "gait_speed_short", "gait_400m", "chair_stand")
-SEXES = ("all", "male", "female")
-BMI_STRATA = ("all", "<25", "25-30", ">=30")
-GRID_AXES = {"cohort": None, "measure": MEASURES, "sex": SEXES, "bmi": BMI_STRATA}
-THRESHOLDS = ("cohort", "stratum")  # cohort: median of the whole cohort (the seed's rule)
-THRESHOLD_FITS = ("train", "all")  # train: median over training subjects only; all: every subject (the seed)
-FREEZE_MODES = ("fc", "layer4", "layer3", "none")
-OPTIMIZERS = ("sgd", "adamw")
-DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
-SCHEDULERS = ("none", "asha")
-# holdout: select on validation subjects, report on untouched test subjects (the default).
-# seed_replication: the seed abstract's protocol (train/val only, validation accuracy reported);
-# optimistic by construction, kept only to reproduce the published number.
-# nested_cv: for small strata; hyperparameters and epochs chosen by k-fold CV on the non-test
-# subjects, the chosen configuration refitted on all of them and reported on the test subjects.
-PROTOCOLS = ("holdout", "seed_replication", "nested_cv")
-
-
-class GridError(ValueError):
-    """A grid file is invalid; the message lists every problem found."""
-
+from study.grid_schema import (BMI_STRATA, DISTRIBUTIONS, FREEZE_MODES, GRID_AXES, MEASURES,  # noqa: F401 (re-exported)
+                               OPTIMIZERS, PROTOCOLS, SCHEDULERS, SELECT_ON, SEXES, SMALL_CELLS, THRESHOLD_FITS,
+                               THRESHOLDS, Cell, GridConfig, GridError, ResourcesConfig, SearchParam, SplitConfig,
+                               TrainConfig)
 
 class _GridLoader(yaml.SafeLoader):
     """YAML 1.1's SafeLoader, but `1e-3` is a number (YAML 1.2 and everyone's intuition).
@@ -64,100 +48,6 @@ _GridLoader.add_implicit_resolver(
 def load_yaml(text: str):
     """Parse grid YAML (or a --set value) with numbers such as 1e-3 read as numbers."""
     return yaml.load(text, Loader=_GridLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 50  # the seed's setting; demo grids lower it
-    batch_size: int = 8  # the seed's setting
-    optimizer: str = "sgd"
-    lr: float = 1e-4  # the seed's setting; usually searched
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    freeze: str = "fc"  # the seed trained only the last layer
-    weights: str = "imagenet"  # none | imagenet | path to a .pth state dict
-    input_size: tuple[int, int] | None = None  # resize store slices for the network; None = as stored
-    slices_per_subject: int | None = None  # central k slices per subject; None = all
-    seed: int = 0
-    num_workers: int = 0  # DataLoader workers inside a trial; data is preloaded, 0 is fastest here
-    feature_cache: bool = True  # frozen-backbone features computed once per node and reused (study/features.py)
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    val: float = 0.15  # subjects used for selection (trial and epoch choice)
-    test: float = 0.15  # subjects never seen until the selected model is evaluated
-    seed: int = 0
-    stratify_sex: bool = True
-    folds: int = 5  # inner folds of protocol nested_cv (train+val subjects; test stays outside)
-
-
-@dataclass(frozen=True)
-class ResourcesConfig:
-    cpu: float = 1
-    gpu: float = 0
-
-
-@dataclass(frozen=True)
-class SearchParam:
-    name: str
-    kind: str  # loguniform | uniform | int | choice | fixed
-    values: tuple
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One stratum of the grid: its own Optuna study, split and MLflow run."""
-
-    cohort: str
-    measure: str
-    sex: str = "all"
-    bmi: str = "all"
-
-    @property
-    def axes(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
-
-    @property
-    def name(self) -> str:
-        bmi = self.bmi.replace("<", "lt").replace(">=", "ge")
-        return f"{self.cohort}__{self.measure}__sex-{self.sex}__bmi-{bmi}"
-
-
-@dataclass(frozen=True)
-class GridConfig:
-    question: str
-    name: str
-    store: str
-    grid: dict[str, tuple[str, ...]]
-    search: tuple[SearchParam, ...]
-    protocol: str = "holdout"
-    threshold: str = "cohort"
-    threshold_fit: str = "train"  # held-out subjects' measures never set the threshold
-    trials_per_cell: int = 8
-    max_concurrent_per_cell: int | None = None  # None: share the cluster's CPUs evenly among cells
-    scheduler: str = "none"
-    optuna_startup_trials: int = 3  # TPE's random start-up; Optuna's 10 is too many for small budgets
-    min_subjects_per_cell: int = 20
-    # a trial checkpoints (weights, optimizer, epoch) when this many seconds have passed since
-    # its last checkpoint, and after its last epoch: a pre-empted trial loses at most this much
-    checkpoint_interval_s: float = 30.0
-    trial_retries: int = 1  # a trial whose worker dies restarts from its checkpoint this often
-    train: TrainConfig = field(default_factory=TrainConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    resources_per_trial: ResourcesConfig = field(default_factory=ResourcesConfig)
-    source: str = ""
-
-    def cells(self) -> list[Cell]:
-        keys = list(GRID_AXES)
-        values = [self.grid.get(k, ("all",)) for k in keys]
-        return [Cell(**dict(zip(keys, combo))) for combo in itertools.product(*values)]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["search"] = {p.name: {p.kind: list(p.values)} for p in self.search}
-        d["grid"] = {k: list(v) for k, v in self.grid.items()}
-        return d
 
 
 _TOP_KEYS = {f.name for f in dataclasses.fields(GridConfig)} - {"source"}
@@ -371,7 +261,8 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     scheduler = raw.get("scheduler", "none")
     if scheduler not in SCHEDULERS:
         errors.append(f"scheduler: unknown value {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
-    ints = {"trials_per_cell": 1, "optuna_startup_trials": 0, "min_subjects_per_cell": 6, "trial_retries": 0}
+    ints = {"trials_per_cell": 1, "optuna_startup_trials": 0, "min_subjects_per_cell": 6, "trial_retries": 0,
+            "min_test_per_class": 1}
     for key, low in ints.items():
         v = raw.get(key, getattr(GridConfig, key, None))
         if key in raw and (isinstance(v, bool) or not isinstance(v, int) or v < low):
@@ -380,6 +271,7 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     interval = raw.get("checkpoint_interval_s", GridConfig.checkpoint_interval_s)
     if not _is_number(interval) or interval < 0:
         errors.append(f"checkpoint_interval_s: expected a number of seconds >= 0 (0: every epoch), got {interval!r}")
+    statistics = _parse_statistics(raw, split, protocol, threshold_fit, errors)
     for key in ("question", "store"):
         if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
             errors.append(f"{key}: expected a non-empty string, got {raw[key]!r}")
@@ -395,11 +287,46 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
         protocol=protocol, threshold=threshold, threshold_fit=threshold_fit, trials_per_cell=raw.get("trials_per_cell", 8),
         max_concurrent_per_cell=mc, scheduler=scheduler,
         optuna_startup_trials=raw.get("optuna_startup_trials", 3),
-        min_subjects_per_cell=raw.get("min_subjects_per_cell", 20),
+        min_subjects_per_cell=raw.get("min_subjects_per_cell", 20), **statistics,
         checkpoint_interval_s=float(interval), trial_retries=raw.get("trial_retries", 1),
         train=dataclasses.replace(train, epochs=int(train.epochs), batch_size=int(train.batch_size)),
         split=split, resources_per_trial=resources, source=source,
     )
+
+
+def _parse_statistics(raw: dict, split: SplitConfig, protocol: str, threshold_fit: str,
+                      errors: list[str]) -> dict[str, Any]:
+    """select_on, small_cells, multiplicity_family, allow_threshold_fit_all, min_test_per_class
+    and the split's outer_folds / stratify_* (issue 10): checked, as GridConfig keyword arguments."""
+    out = {k: raw.get(k, getattr(GridConfig, k)) for k in ("select_on", "small_cells", "min_test_per_class",
+                                                          "allow_threshold_fit_all")}
+    if out["select_on"] not in SELECT_ON:
+        errors.append(f"select_on: unknown value {out['select_on']!r}; allowed: {', '.join(SELECT_ON)}")
+    if out["small_cells"] not in SMALL_CELLS:
+        errors.append(f"small_cells: unknown value {out['small_cells']!r}; allowed: {', '.join(SMALL_CELLS)}")
+    if not isinstance(out["allow_threshold_fit_all"], bool):
+        errors.append(f"allow_threshold_fit_all: expected true/false, got {out['allow_threshold_fit_all']!r}")
+    elif threshold_fit == "all" and protocol != "seed_replication" and not out["allow_threshold_fit_all"]:
+        errors.append("threshold_fit: all labels test subjects by a median their own values moved; it is the "
+                      "seed's rule for protocol seed_replication only. Use threshold_fit: train, or set "
+                      "allow_threshold_fit_all: true to accept that")
+    family = raw.get("multiplicity_family", "launch")
+    if family == "launch":
+        family = ()
+    elif not (isinstance(family, list) and family and all(a in GRID_AXES for a in family)):
+        errors.append(f"multiplicity_family: expected 'launch' (every cell of the launch is one family) or a list "
+                      f"of grid axes ({', '.join(GRID_AXES)}) giving one family per value, got {family!r}")
+        family = ()
+    out["multiplicity_family"] = tuple(family)
+    nested = protocol == "nested_cv" or out["small_cells"] == "nested_cv"
+    for key in ("folds", "outer_folds") if protocol != "nested_cv" else ("outer_folds",):  # folds: checked above
+        v = getattr(split, key)
+        if nested and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+            errors.append(f"split.{key}: nested CV needs an integer >= 2, got {v!r}")
+    measure = split.stratify_measure
+    if measure is not None and measure not in MEASURES:
+        errors.append(f"split.stratify_measure: unknown measure {measure!r}; allowed: {', '.join(MEASURES)} or null")
+    return out
 
 
 def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> GridConfig:

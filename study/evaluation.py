@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -62,34 +63,37 @@ def evaluate_selected(ctx: CellContext, result) -> tuple[Any, dict[str, float], 
     return model, test, {"train": train, "epoch": int(saved["fit"]["best_epoch"])}, predictions
 
 
-def size_and_saliency(ctx: CellContext, client, model, train, predictions: dict[str, np.ndarray]) -> dict[str, float]:
-    """Body-size baseline beside the CNN, their paired accuracy difference, saliency PNGs.
+def size_metrics(ctx: CellContext, client, predictions: dict[str, np.ndarray],
+                 fit_on: tuple[str, ...] | None = None) -> dict[str, float]:
+    """The size+age baseline on the cell's test subjects beside the CNN's predictions for them.
 
-    Logs params (size.*, saliency.*) and the saliency overlays as artifacts under "saliency"
-    on the cell run; returns the metrics (size_test_*, cnn_minus_size_*, saliency_*) to log.
+    Logs the size.* params on the cell run; returns size_age_test_* and cnn_minus_size_age_*.
     """
     from data_prep.store import open_store
-    from study.body_size import FEATURES, paired_difference, size_baseline
-    from study.engine import SUBJECT_THRESHOLD
-    from study.saliency import saliency_report
+    from study.body_size import DEFAULT_FIT_ON, FEATURES, METRIC_PREFIX, SIZE_MODEL_NAME, size_baseline, size_comparison
 
-    store = open_store(ctx.store)
-    size = size_baseline(store, ctx.split, ctx.labels, seed=ctx.train.seed)
+    size = size_baseline(open_store(ctx.store), ctx.split, ctx.labels, seed=ctx.train.seed,
+                         fit_on=fit_on or DEFAULT_FIT_ON)
     test_rows = np.asarray(ctx.split["test"])
     if not np.array_equal(np.asarray(predictions["rows"]), test_rows) or not np.array_equal(size["test_rows"], test_rows):
         raise RuntimeError("CNN and size-baseline test subjects differ; cannot pair them")
-    y = np.asarray(ctx.labels["test"])
-    cnn_pred = (np.asarray(predictions["probs"]) >= SUBJECT_THRESHOLD).astype(np.int64)
-    size_pred = (size["test_probs"] >= SUBJECT_THRESHOLD).astype(np.int64)
-    diff, low, high = paired_difference(y, cnn_pred, size_pred, seed=ctx.train.seed)
-    metrics = {f"size_test_{k}": float(v) for k, v in size.items()
+    metrics = {f"{METRIC_PREFIX}test_{k}": float(v) for k, v in size.items()
                if k != "C" and np.isscalar(v) and not isinstance(v, str)}
-    metrics.update({f"size_coef_{k}": v for k, v in size["coef"].items()})
-    metrics.update(cnn_minus_size_acc=diff, cnn_minus_size_ci_low=low, cnn_minus_size_ci_high=high)
+    metrics.update({f"{METRIC_PREFIX}coef_{k}": v for k, v in size["coef"].items()})
+    metrics.update(size_comparison(ctx.labels["test"], predictions["probs"], size["test_probs"], seed=ctx.train.seed))
     tracking.log_params(client, ctx.cell_run_id, {
-        "size.features": ",".join(FEATURES), "size.fit_on": size["fit_on"], "size.area_unit": size["unit"], "size.C": size["C"],
+        "size.name": SIZE_MODEL_NAME, "size.features": ",".join(FEATURES), "size.fit_on": size["fit_on"],
+        "size.area_unit": size["unit"], "size.C": size["C"],
         "size.model": "median impute + StandardScaler + LogisticRegressionCV (L2, C by 5-fold log loss)"})
+    return {**metrics, "_size_test_probs": size["test_probs"]}
 
+
+def saliency_metrics(ctx: CellContext, client, model, train, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+    """Saliency overlays of the test subjects (artifacts under "saliency"); periphery metrics."""
+    from data_prep.store import open_store
+    from study.saliency import saliency_report
+
+    store = open_store(ctx.store)
     # layer4 is 1/32 of the input: below 8x8 cells Grad-CAM is a blur, input gradients keep detail
     rows_in, cols_in = train.input_size or store.recipe.size
     method = "gradcam" if min(rows_in, cols_in) // 32 >= 8 else "gradient"
@@ -101,9 +105,15 @@ def size_and_saliency(ctx: CellContext, client, model, train, predictions: dict[
     tracking.log_params(client, ctx.cell_run_id, {"saliency.method": method,
                                                   "saliency.layer": "layer4" if method == "gradcam" else "input",
                                                   "saliency.n_subjects": len(report["paths"])})
-    metrics.update(saliency_periphery_fraction=report["periphery_fraction"],
-                   saliency_periphery_area_fraction=report["periphery_area_fraction"])
-    return metrics
+    return {"saliency_periphery_fraction": report["periphery_fraction"],
+            "saliency_periphery_area_fraction": report["periphery_area_fraction"]}
+
+
+def size_and_saliency(ctx: CellContext, client, model, train, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+    """Both of the above for a holdout cell (metrics to log)."""
+    metrics = size_metrics(ctx, client, predictions)
+    metrics.pop("_size_test_probs")
+    return {**metrics, **saliency_metrics(ctx, client, model, train, predictions)}
 
 
 def validation_as_reported(ctx: CellContext) -> CellContext:
@@ -116,10 +126,6 @@ def validation_as_reported(ctx: CellContext) -> CellContext:
 
 def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str, Any]:
     """Select on validation, evaluate once on test, log summary + predictions + model; the row."""
-    import mlflow
-
-    from data_prep.store import open_store
-
     clock = [time.perf_counter()]
     seconds: dict[str, float] = {}
 
@@ -152,6 +158,20 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
     tracking.log_params(client, ctx.cell_run_id, chosen_params)
     tracking.log_json(client, ctx.cell_run_id, {k: np.asarray(v).tolist() for k, v in predictions.items()},
                       PREDICTIONS_FILE)
+    model_uri = log_cell_model(ctx, model, chosen, summary)
+    lap("log_model")
+    tracking.log_metrics(client, ctx.cell_run_id, seconds)
+    client.set_tag(ctx.cell_run_id, "model_uri", model_uri)
+    return {"cell": ctx.cell.name, **ctx.cell.axes, **summary, "model_uri": model_uri,
+            "reported_partition": partition, "cell_run_id": ctx.cell_run_id, "status": "ok", **chosen_params}
+
+
+def log_cell_model(ctx: CellContext, model, chosen: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The selected model on the cell run, with what it needs to label new subjects; its URI."""
+    import mlflow
+
+    from data_prep.store import open_store
+
     metadata = {"recipe": open_store(ctx.store).recipe.to_dict(),
                 "input_size": list(chosen["train"].input_size or []) or None,
                 "slices_per_subject": chosen["train"].slices_per_subject, "measure": ctx.cell.measure,
@@ -162,11 +182,68 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
     with mlflow.start_run(run_id=ctx.cell_run_id):
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                         metadata=metadata, pip_requirements=["torch", "torchvision"])
-    lap("log_model")
-    tracking.log_metrics(client, ctx.cell_run_id, seconds)
-    client.set_tag(ctx.cell_run_id, "model_uri", info.model_uri)
-    return {"cell": ctx.cell.name, **ctx.cell.axes, **summary, "model_uri": info.model_uri,
-            "reported_partition": partition, "cell_run_id": ctx.cell_run_id, "status": "ok", **chosen_params}
+    return info.model_uri
+
+
+def finish_nested_cell(ctx: CellContext, grid: GridConfig, client, searched: list) -> dict[str, Any]:
+    """Nested CV: each outer fold's trial selected on its inner folds, scored on that fold's test
+    subjects; the pooled outer-fold predictions (every subject of the cell tested once) scored
+    like a holdout test set (study.metrics.pooled_outer_summary), beside the size+age baseline
+    fitted per fold the same way. The model logged is the outer fold's selected model with the
+    best inner-fold selection score (tag model_outer_fold): nested CV estimates how well the
+    whole procedure does; any one fold's model is one draw of it.
+
+    Args:
+        searched: (outer-fold CellContext, its Tune results) in fold order.
+    """
+    from data_prep.store import open_store
+    from study.body_size import FEATURES, METRIC_PREFIX, SIZE_MODEL_NAME, size_baseline, size_comparison
+    from study.metrics import pooled_outer_summary
+
+    store = open_store(ctx.store)
+    folds, sizes, preds, best = [], [], [], None
+    for fctx, results in searched:
+        chosen_trial = best_result(results)
+        model, fold_test, chosen, p = evaluate_selected(fctx, chosen_trial)
+        folds.append({"labels": p["labels"], "probs": p["probs"], "train_labels": fctx.labels["train"]})
+        preds.append(p)
+        size = size_baseline(store, fctx.split, fctx.labels, seed=ctx.train.seed, fit_on=("train",))
+        sizes.append({"labels": p["labels"], "probs": size["test_probs"], "train_labels": fctx.labels["train"]})
+        score = chosen_trial.metrics.get("best_val_score", -math.inf)
+        tracking.log_metrics(client, ctx.cell_run_id, {"outer_test_acc": fold_test["test_acc"],
+                                                       "outer_best_val_score": score}, step=fctx.outer_fold)
+        if best is None or score > best[0]:
+            best = (score, fctx, model, chosen, chosen_trial, p)
+    _, bctx, model, chosen, chosen_trial, bpred = best
+    summary = {f"test_{k}": v for k, v in pooled_outer_summary(folds, seed=ctx.train.seed).items()}
+    summary.update({f"{METRIC_PREFIX}test_{k}": v
+                    for k, v in pooled_outer_summary(sizes, seed=ctx.train.seed).items()})
+    labels = np.concatenate([f["labels"] for f in folds])
+    summary.update(size_comparison(labels, np.concatenate([f["probs"] for f in folds]),
+                                   np.concatenate([f["probs"] for f in sizes]), seed=ctx.train.seed))
+    tracking.log_params(client, ctx.cell_run_id, {
+        "size.name": SIZE_MODEL_NAME, "size.features": ",".join(FEATURES), "size.fit_on": "train (per outer fold)",
+        "size.model": "median impute + StandardScaler + LogisticRegressionCV (L2, C by 5-fold log loss)"})
+    try:
+        summary.update(saliency_metrics(bctx, client, model, chosen["train"], bpred))
+    except Exception as exc:  # the CNN's own result still counts without the overlays
+        client.set_tag(ctx.cell_run_id, "size_saliency_error", f"{type(exc).__name__}: {exc}"[:5000])
+    summary.update({"best_val_acc": chosen_trial.metrics["best_val_acc"],
+                    "best_val_loss": chosen_trial.metrics["best_val_loss"], "best_epoch": chosen["epoch"],
+                    "n_trials": sum(len(r) for _, r in searched),
+                    "n_trials_failed": sum(t.error is not None for _, r in searched for t in r)})
+    tracking.set_tags(client, ctx.cell_run_id, {"reported_partition": "test", "model_outer_fold": bctx.outer_fold})
+    tracking.log_metrics(client, ctx.cell_run_id, summary)
+    order = np.argsort(np.concatenate([p["rows"] for p in preds]), kind="stable")
+    pooled = {k: np.concatenate([p[k] for p in preds])[order] for k in ("rows", "labels", "probs")}
+    tracking.log_json(client, ctx.cell_run_id, {k: v.tolist() for k, v in pooled.items()}, PREDICTIONS_FILE)
+    chosen_params = {f"best.{k}": v for k, v in dataclasses.asdict(chosen["train"]).items()
+                     if k in {p.name for p in grid.search}}
+    tracking.log_params(client, ctx.cell_run_id, chosen_params)
+    model_uri = log_cell_model(bctx, model, chosen, summary)
+    client.set_tag(ctx.cell_run_id, "model_uri", model_uri)
+    return {"cell": ctx.cell.name, **ctx.cell.axes, **summary, "model_uri": model_uri, "reported_partition": "test",
+            "cell_run_id": ctx.cell_run_id, "status": "ok", **chosen_params}
 
 
 def row_from_run(run) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from study.config import GridConfig, GridError, load_grid, parse_override
 from study.plan import CellPlan, PlanError, plan_cells
+from study.launch_stats import close_statistics, format_pairs
 from study.report import format_table, plot_accuracy, results_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +161,8 @@ def open_launch(client, grid: GridConfig, store, plans: list[CellPlan], *, exp_i
             labels=plan.labels, threshold=plan.threshold, threshold_rule=plan.threshold_rule,
             direction=plan.direction, tracking_uri=client.tracking_uri, experiment_id=exp_id, cell_run_id=cell_run,
             cpus_per_trial=grid.resources_per_trial.cpu, gpus_per_trial=grid.resources_per_trial.gpu,
-            protocol=grid.protocol, checkpoint_interval_s=grid.checkpoint_interval_s))
+            protocol=grid.protocol, checkpoint_interval_s=grid.checkpoint_interval_s, select_on=grid.select_on,
+            outer_folds=tuple(plan.outer_folds)))
     return launch_id, storage_path, kept, contexts
 
 
@@ -168,7 +170,7 @@ def write_results(client, launch_id: str, grid: GridConfig, rows: list[dict]):
     """The per-cell table and plot, logged on the launch run; returns the table."""
     from study import tracking
 
-    df = results_table(rows)
+    df = results_table(rows, family_by=grid.multiplicity_family)
     with tempfile.TemporaryDirectory() as tmp:
         df.to_csv(Path(tmp) / "cells.csv", index=False)
         (Path(tmp) / "cells.txt").write_text(format_table(df) + "\n")
@@ -239,7 +241,9 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
                   flush=True)
         done_before = {c.cell.name: len(tracking.children(client, exp_id, c.cell_run_id, "attributes.status = 'FINISHED'"))
                        for c in contexts} if prior is not None else {}
-        display = progress.Display([c.cell.name for c in contexts], trials=grid.trials_per_cell,
+        display = progress.Display([c.cell.name for c in contexts],
+                                   trials={c.cell.name: grid.trials_per_cell * max(1, len(c.outer_folds))
+                                           for c in contexts},
                                    epochs=grid.train.epochs, quiet=args.quiet, done_before=done_before)
         try:
             rows, signum = run_cells(contexts, grid, storage_path=storage_path, max_concurrent=max_conc,
@@ -249,6 +253,12 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
             display.close()
         rows = {**kept, **rows}
         ordered = [{**p.counts(), **rows[p.cell.name]} for p in plans if p.cell.name in rows]
+        pairs = []
+        try:
+            ordered, pairs = close_statistics(client, launch_id, grid, plans, ordered)
+        except Exception as exc:  # the cells' own results still stand; say what is missing
+            print(f"warning: multiplicity / paired comparisons failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            client.set_tag(launch_id, "statistics_error", f"{type(exc).__name__}: {exc}"[:5000])
         df = write_results(client, launch_id, grid, ordered)
         if signum is not None:
             tracking.end_open_tree(client, exp_id, launch_id)
@@ -260,6 +270,8 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
             ray.shutdown()
     print()
     print(format_table(df))
+    if pairs:
+        print("\n" + format_pairs(pairs))
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.results, index=False)

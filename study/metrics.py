@@ -1,29 +1,56 @@
-"""Subject-level test metrics with confidence intervals, a baseline and a permutation test.
+"""Subject-level test statistics: the model against the majority-class baseline, honest intervals.
 
 Usage::
 
     from study.metrics import summarize
 
     result = evaluate(model, test_loader)                    # study.engine
-    summary = summarize(result["subject_labels"], result["subject_probs"],
-                        train_labels=train_subject_labels, seed=0)
-    summary["acc"], summary["acc_ci_low"], summary["baseline_acc"], summary["perm_p"]
+    s = summarize(result["subject_labels"], result["subject_probs"],
+                  train_labels=train_subject_labels, seed=0)
+    s["acc"], s["acc_ci_low"], s["baseline_acc"], s["vs_baseline_p"], s["vs_baseline_diff"]
 
-Everything here works on subjects (one row per person), never slices: bootstrap resamples
-subjects, because slices of one person are not independent observations.
+Everything here works on subjects (one row per person), never slices.
+
+The headline test of a cell is the model against the majority-class predictor (the training
+majority) on the same test subjects: an exact McNemar test, one-sided (model better), of the
+discordant subjects (`vs_baseline_p`), with the paired accuracy difference and its CI
+(`vs_baseline_diff*`). `assoc_p` is a different question, kept under its own name: is the
+prediction associated with the label at all (one-sided Fisher exact test); a model can be
+associated with the labels and still not beat the majority class.
+
+Methods (STAT_METHODS, logged as params):
+- accuracy and baseline accuracy: Clopper-Pearson exact interval (scipy.stats.binomtest),
+  which holds its coverage at small n and at 0 or 100% (9/9 correct: [0.66, 1.00]).
+- balanced accuracy: MOVER (Newcombe 1998 / Zou & Donner 2008) from the two classes' Wilson
+  intervals; defined whenever both classes are present, never one-class resamples.
+- AUROC: Newcombe (2006, Stat Med 25:559, method 5) score interval: {t : |AUROC - t| <=
+  z sqrt(V(t))} with the Hanley-McNeil variance V at N = (n_pos + n_neg) / 2. Unlike DeLong's
+  or a bootstrap interval it does not collapse to [1, 1] when the two classes are perfectly
+  separated (hand-written: no library offers an AUROC interval with that property).
+- paired differences (vs baseline, vs other models): study/paired.py.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 
 import numpy as np
-from sklearn.dummy import DummyClassifier
+from scipy import optimize, stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from study.engine import SUBJECT_THRESHOLD
+from study.paired import PAIRED_METHODS, accuracy_difference
+
+STAT_METHODS = {
+    "acc_ci": "Clopper-Pearson exact, 95%",
+    "baseline": "majority class of the training subjects (ties -> low)",
+    "balanced_acc_ci": "MOVER from per-class Wilson intervals, 95%",
+    "auroc_ci": "Newcombe 2006 method 5 score interval, 95%",
+    "vs_baseline_p": "exact McNemar vs the majority-class predictor, one-sided (model better)",
+    "vs_baseline_diff_ci": PAIRED_METHODS["acc_diff_ci"],
+    "assoc_p": "Fisher exact, one-sided (prediction associated with label)",
+}
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -34,7 +61,7 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean of per-class recall (0.5 for any constant predictor on two classes)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one-class resamples: sklearn warns, value still defined
+        warnings.simplefilter("ignore")  # one class present: sklearn warns, the value is that class's recall
         return float(balanced_accuracy_score(y_true, y_pred))
 
 
@@ -45,121 +72,154 @@ def auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(roc_auc_score(y_true, y_score))
 
 
+def majority_class(train_labels: np.ndarray) -> int:
+    """The class most training subjects have (ties -> 0, low): what the baseline predicts."""
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=2)
+    return int(np.argmax(counts))
+
+
 def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
     """Test accuracy of always predicting the training majority class (ties -> class 0)."""
-    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
-    dummy = DummyClassifier(strategy="most_frequent").fit(np.zeros((train_labels.size, 1)), train_labels)
-    return accuracy(test_labels, dummy.predict(np.zeros((test_labels.size, 1))))
+    test_labels = np.asarray(test_labels, dtype=np.int64)
+    return float(np.mean(test_labels == majority_class(train_labels))) if test_labels.size else math.nan
 
 
-def bootstrap_ci(
-    y_true: np.ndarray,
-    y_score_or_pred: np.ndarray,
-    metric: Callable[[np.ndarray, np.ndarray], float],
-    *,
-    n_boot: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Percentile bootstrap CI of ``metric`` over subjects.
+def proportion_ci(k: int, n: int, *, alpha: float = 0.05, method: str = "exact") -> tuple[float, float]:
+    """Interval of a binomial proportion k/n: "exact" (Clopper-Pearson) or "wilson"; NaN for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method=method)
+    return float(ci.low), float(ci.high)
 
-    Resamples subjects with replacement; a resample where the metric is undefined (NaN or a
-    ValueError, e.g. AUROC on one class) is skipped.
+
+def balanced_accuracy_ci(y_true: np.ndarray, y_pred: np.ndarray, *, alpha: float = 0.05
+                         ) -> tuple[float, float, float]:
+    """Balanced accuracy with a MOVER interval from the two recalls' Wilson intervals.
 
     Returns:
-        (metric on all subjects, lower alpha/2 quantile, upper 1 - alpha/2 quantile);
-        all NaN when the metric is undefined on the full set or on every resample.
+        (balanced accuracy, low, high); all NaN unless both classes are present.
     """
-    y_true, y_other = np.asarray(y_true), np.asarray(y_score_or_pred)
-    if y_true.shape != y_other.shape:
-        raise ValueError(f"y_true shape {y_true.shape} != scores shape {y_other.shape}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    y, p = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    recalls, lows, highs = [], [], []
+    for cls in (0, 1):
+        members = y == cls
+        if not members.any():
+            return math.nan, math.nan, math.nan
+        k, n = int(np.sum(p[members] == cls)), int(members.sum())
+        low, high = proportion_ci(k, n, alpha=alpha, method="wilson")
+        recalls.append(k / n), lows.append(low), highs.append(high)
+    point = float(np.mean(recalls))
+    # MOVER for (r0 + r1) / 2: each side recovers the variance from the components' own limits
+    low = point - 0.5 * math.sqrt(sum((r - l) ** 2 for r, l in zip(recalls, lows)))
+    high = point + 0.5 * math.sqrt(sum((h - r) ** 2 for r, h in zip(recalls, highs)))
+    return point, max(0.0, low), min(1.0, high)
 
-    def safe(t: np.ndarray, o: np.ndarray) -> float:
-        try:
-            return float(metric(t, o))
-        except ValueError:
-            return math.nan
 
-    point = safe(y_true, y_other) if y_true.size else math.nan
+def _newcombe_variance(theta: np.ndarray, n_pos: int, n_neg: int) -> np.ndarray:
+    """Hanley-McNeil variance of the AUROC at theta, with n_pos, n_neg replaced by their mean N."""
+    big_n = (n_pos + n_neg) / 2
+    return theta * (1 - theta) / (n_pos * n_neg) * (2 * big_n - 1 - 3 * (big_n - 1) / ((2 - theta) * (1 + theta)))
+
+
+def auroc_ci(y_true: np.ndarray, y_score: np.ndarray, *, alpha: float = 0.05) -> tuple[float, float, float]:
+    """AUROC with Newcombe's (2006, method 5) score interval.
+
+    The limits are the two roots of |auc - t| = z sqrt(V(t)), found with brentq after a
+    grid scan (at auc = 1 the root t = 1 is not a limit; the scan finds the interior one).
+
+    Returns:
+        (AUROC, low, high); all NaN when y_true holds one class.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    point = auroc(y, y_score)
     if math.isnan(point):
         return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, y_true.size, size=(n_boot, y_true.size))
-    values = np.array([safe(y_true[i], y_other[i]) for i in idx])
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return point, math.nan, math.nan
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return point, float(low), float(high)
+    n_pos, n_neg = int(y.sum()), int((y == 0).sum())
+    z = stats.norm.ppf(1 - alpha / 2)
+
+    def gap(t: float | np.ndarray) -> float | np.ndarray:  # <= 0 inside the interval
+        return np.abs(point - t) - z * np.sqrt(np.maximum(_newcombe_variance(t, n_pos, n_neg), 0))
+
+    grid = np.linspace(0.0, 1.0, 2001)
+    inside = np.flatnonzero(gap(grid) <= 0)
+    first, last = inside[0], inside[-1]  # the interval is one run of grid points around auc
+    low = 0.0 if first == 0 else optimize.brentq(gap, grid[first - 1], grid[first])
+    high = 1.0 if last == grid.size - 1 else optimize.brentq(gap, grid[last], grid[last + 1])
+    return point, float(min(low, point)), float(max(high, point))
 
 
-def permutation_p_value(
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    baseline_acc: float | None = None,
-    *,
-    n_perm: int = 2000,
-    seed: int = 0,
-) -> float:
-    """One-sided p-value that the accuracy beats chance.
+def association_p(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """One-sided Fisher exact p that predictions and labels are positively associated.
 
-    Null: predictions carry no information about the labels. Under it every pairing of the
-    observed predictions with the observed labels is equally likely, so the null accuracies
-    come from shuffling y_true against y_pred (keeping both class balances), and
-    p = (1 + #{null acc >= observed acc}) / (1 + n_perm).
-    A constant predictor gets p = 1 under this null even though it scores the majority rate.
-    If ``baseline_acc`` is given, an accuracy that does not exceed it gets p = 1: a model
-    that doesn't beat the majority-class baseline is never reported as significant.
+    Not a test against the baseline: a model can be associated with the labels and still be
+    no more accurate than predicting the majority class.
     """
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise ValueError(f"need equal, non-empty shapes, got {y_true.shape} and {y_pred.shape}")
-    observed = np.mean(y_true == y_pred)
-    if baseline_acc is not None and observed <= baseline_acc:
-        return 1.0
-    rng = np.random.default_rng(seed)
-    null = np.array([np.mean(rng.permutation(y_true) == y_pred) for _ in range(n_perm)])
-    return float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_perm))
+    y, p = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    table = [[int(np.sum((y == 1) & (p == 1))), int(np.sum((y == 1) & (p == 0)))],
+             [int(np.sum((y == 0) & (p == 1))), int(np.sum((y == 0) & (p == 0)))]]
+    return float(stats.fisher_exact(table, alternative="greater").pvalue)
 
 
-def summarize(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    *,
-    train_labels: np.ndarray,
-    seed: int = 0,
-    n_boot: int = 2000,
-) -> dict[str, float]:
-    """All test metrics for one model on one set of subjects.
+def summarize(y_true: np.ndarray, probs: np.ndarray, *, train_labels: np.ndarray | None = None,
+              baseline_class: int | np.ndarray | None = None, seed: int = 0, n_boot: int = 2000,
+              alpha: float = 0.05) -> dict[str, float]:
+    """All test statistics of one model on one set of subjects.
 
     Args:
         y_true: subject labels (0/1).
-        probs: subject probabilities of class 1 (predicted class 1 when >= 0.5).
-        train_labels: training subject labels (for the majority-class baseline).
-        seed: seed of the bootstrap and permutation draws.
-        n_boot: bootstrap resamples (also the number of permutations).
+        probs: subject probabilities of class 1 (predicted 1 when >= SUBJECT_THRESHOLD).
+        train_labels: the model's training labels; the baseline predicts their majority.
+        baseline_class: instead of train_labels, the baseline's prediction: one class, or one
+            per subject (pooled nested-CV folds, each with its own training majority).
+        seed, n_boot: the paired bootstrap's seed and resamples.
+        alpha: 1 - confidence level of every interval.
 
     Returns:
-        n, n_pos, acc, acc_ci_low, acc_ci_high, balanced_acc, balanced_acc_ci_low,
-        balanced_acc_ci_high, auroc, auroc_ci_low, auroc_ci_high (NaN with one class),
-        baseline_acc, baseline_ci_low, baseline_ci_high, perm_p.
+        n, n_pos; acc, acc_ci_low, acc_ci_high; balanced_acc(_ci_low, _ci_high); auroc(_ci_low,
+        _ci_high) (NaN with one class); baseline_class (NaN if it varies by subject),
+        baseline_acc, baseline_ci_low, baseline_ci_high; vs_baseline_diff (acc - baseline_acc),
+        vs_baseline_diff_ci_low, vs_baseline_diff_ci_high, vs_baseline_n_better (model right,
+        baseline wrong), vs_baseline_n_worse, vs_baseline_p; assoc_p. See STAT_METHODS.
     """
-    y_true = np.asarray(y_true).astype(np.int64)
+    y = np.asarray(y_true).astype(np.int64)
     probs = np.asarray(probs, dtype=float)
-    y_pred = (probs >= SUBJECT_THRESHOLD).astype(np.int64)
-    out: dict[str, float] = {"n": float(y_true.size), "n_pos": float(y_true.sum())}
-    for name, metric, other in (
-        ("acc", accuracy, y_pred),
-        ("balanced_acc", balanced_accuracy, y_pred),
-        ("auroc", auroc, probs),
-    ):
-        point, low, high = bootstrap_ci(y_true, other, metric, n_boot=n_boot, seed=seed)
-        out.update({name: point, f"{name}_ci_low": low, f"{name}_ci_high": high})
-    baseline = majority_baseline(train_labels, y_true)
-    majority = np.full_like(y_true, np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=2).argmax())
-    _, low, high = bootstrap_ci(y_true, majority, accuracy, n_boot=n_boot, seed=seed)
-    out.update(baseline_acc=baseline, baseline_ci_low=low, baseline_ci_high=high)
-    out["perm_p"] = permutation_p_value(y_true, y_pred, baseline, n_perm=n_boot, seed=seed)
+    if y.shape != probs.shape or y.ndim != 1 or y.size == 0:
+        raise ValueError(f"need equal non-empty 1-D labels and probabilities, got {y.shape} and {probs.shape}")
+    if (train_labels is None) == (baseline_class is None):
+        raise ValueError("pass exactly one of train_labels and baseline_class")
+    base = majority_class(train_labels) if baseline_class is None else baseline_class
+    base_pred = np.broadcast_to(np.asarray(base, dtype=np.int64), y.shape)
+    pred = (probs >= SUBJECT_THRESHOLD).astype(np.int64)
+    correct, base_correct = pred == y, base_pred == y
+    out: dict[str, float] = {"n": float(y.size), "n_pos": float(y.sum())}
+    out["acc"] = float(correct.mean())
+    out["acc_ci_low"], out["acc_ci_high"] = proportion_ci(int(correct.sum()), y.size, alpha=alpha)
+    out["balanced_acc"], out["balanced_acc_ci_low"], out["balanced_acc_ci_high"] = balanced_accuracy_ci(y, pred, alpha=alpha)
+    out["auroc"], out["auroc_ci_low"], out["auroc_ci_high"] = auroc_ci(y, probs, alpha=alpha)
+    out["baseline_class"] = float(base_pred[0]) if np.all(base_pred == base_pred[0]) else math.nan
+    out["baseline_acc"] = float(base_correct.mean())
+    out["baseline_ci_low"], out["baseline_ci_high"] = proportion_ci(int(base_correct.sum()), y.size, alpha=alpha)
+    d = accuracy_difference(correct, base_correct, alternative="greater", n_boot=n_boot, seed=seed, alpha=alpha)
+    out.update(vs_baseline_diff=d["diff"], vs_baseline_diff_ci_low=d["ci_low"], vs_baseline_diff_ci_high=d["ci_high"],
+               vs_baseline_n_better=d["n_a_only"], vs_baseline_n_worse=d["n_b_only"], vs_baseline_p=d["p"])
+    out["assoc_p"] = association_p(y, pred)
     return out
+
+
+def pooled_outer_summary(folds: list[dict[str, np.ndarray]], *, seed: int = 0, n_boot: int = 2000
+                         ) -> dict[str, float]:
+    """summarize() over nested CV's outer folds pooled: every subject tested once.
+
+    Args:
+        folds: one dict per outer fold with "labels" and "probs" of its test subjects and
+            "train_labels" of its training subjects (that fold's baseline is their majority).
+
+    Returns:
+        summarize()'s keys over all folds' test subjects together.
+    """
+    if not folds:
+        raise ValueError("need at least one outer fold")
+    labels = np.concatenate([np.asarray(f["labels"]) for f in folds])
+    probs = np.concatenate([np.asarray(f["probs"], dtype=float) for f in folds])
+    base = np.concatenate([np.full(len(f["labels"]), majority_class(f["train_labels"])) for f in folds])
+    return summarize(labels, probs, baseline_class=base, seed=seed, n_boot=n_boot)

@@ -116,18 +116,20 @@ class Display:
     Args:
         cells: names of the cells that run in this session (cells kept from an earlier
             session of a resumed launch are not counted).
-        trials, epochs: per cell, for the totals and the ETA.
+        trials, epochs: per cell, for the totals and the ETA (trials: one number for every
+            cell, or per cell name: a nested-CV cell runs a search per outer fold).
         done_before: trials of a resumed cell that finished in an earlier session.
         quiet: print nothing but what the caller prints itself.
         stream: where to write (default stdout); bars only when it is a terminal.
     """
 
-    def __init__(self, cells: list[str], *, trials: int, epochs: int, quiet: bool = False,
+    def __init__(self, cells: list[str], *, trials: int | dict[str, int], epochs: int, quiet: bool = False,
                  stream=None, done_before: dict[str, int] | None = None) -> None:
         self.stream = stream or sys.stdout
         self.quiet = quiet
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) and not quiet
-        self.cells = {c: CellProgress(trials=trials, epochs=epochs) for c in cells}
+        per_cell = trials if isinstance(trials, dict) else dict.fromkeys(cells, trials)
+        self.cells = {c: CellProgress(trials=per_cell[c], epochs=epochs) for c in cells}
         for name, n in (done_before or {}).items():  # a resumed cell's trials finished earlier
             if name in self.cells:
                 cell = self.cells[name]
@@ -140,12 +142,12 @@ class Display:
         if self.tty:
             from tqdm import tqdm
 
-            total = max(1, len(cells) * trials * epochs)
+            total = max(1, sum(per_cell[c] for c in cells) * epochs)
             self._bars["__all__"] = tqdm(total=total, desc="all cells", unit="ep", file=self.stream,
                                          position=0, dynamic_ncols=True, leave=True)
             if len(cells) <= 30:  # beyond that the screen is all bars; the overall one suffices
                 for i, c in enumerate(cells, start=1):
-                    self._bars[c] = tqdm(total=trials * epochs, desc=c[-40:], unit="ep", file=self.stream,
+                    self._bars[c] = tqdm(total=per_cell[c] * epochs, desc=c[-40:], unit="ep", file=self.stream,
                                          position=i, dynamic_ncols=True, leave=True)
 
     # ------------------------------------------------------------------ events

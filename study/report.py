@@ -1,20 +1,32 @@
-"""Per-cell results as a table and a plot: test accuracy with its 95% CI beside the baseline."""
+"""Per-cell results as a table and a plot: test accuracy with its 95% CI beside the baseline,
+the test against that baseline (raw, Holm and BH adjusted p), and, for strata, the pooled
+model scored on the stratum's own test subjects with the paired difference."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
 import pandas as pd
 
+from study.multiplicity import adjust_cells
+
 TABLE_COLUMNS = ["cell", "n_train", "n_val", "n_test", "best_val_acc", "test_baseline_acc",
-                 "test_acc", "test_acc_ci_low", "test_acc_ci_high", "test_auroc", "test_perm_p",
-                 "size_test_acc", "cnn_minus_size_acc", "status"]
+                 "test_acc", "test_acc_ci_low", "test_acc_ci_high", "test_vs_baseline_diff",
+                 "test_vs_baseline_diff_ci_low", "test_vs_baseline_diff_ci_high", "test_vs_baseline_p",
+                 "test_vs_baseline_p_holm", "test_vs_baseline_p_bh", "test_auroc", "test_auroc_ci_low",
+                 "test_auroc_ci_high", "pooled_test_acc", "pooled_test_auroc", "stratum_minus_pooled_acc",
+                 "stratum_minus_pooled_acc_ci_low", "stratum_minus_pooled_acc_ci_high", "stratum_minus_pooled_acc_p",
+                 "stratum_minus_pooled_auroc", "stratum_minus_pooled_auroc_p", "size_age_test_acc",
+                 "cnn_minus_size_age_acc", "cnn_minus_size_age_auroc", "status"]
 
 
-def results_table(results: list[dict]) -> pd.DataFrame:
+def results_table(results: list[dict], *, family_by: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per cell. Cells run under the seed-replication protocol report validation
-    subjects (also used for selection); their numbers fill the test columns, flagged in `reported`."""
+    subjects (also used for selection); their numbers fill the test columns, flagged in
+    `reported_partition`. Holm / BH columns are computed here (family: `family_by`, see
+    study.multiplicity) when the results do not carry them already."""
     rows = []
     for r in results:
         r = dict(r)
@@ -22,9 +34,12 @@ def results_table(results: list[dict]) -> pd.DataFrame:
             for key in list(r):
                 if key.startswith("val_"):
                     r["test_" + key[len("val_"):]] = r[key]
-                elif key.startswith("size_val_"):
-                    r["size_test_" + key[len("size_val_"):]] = r[key]
+                elif key.startswith("size_age_val_"):
+                    r["size_age_test_" + key[len("size_age_val_"):]] = r[key]
         rows.append(r)
+    if rows and not any("test_vs_baseline_p_holm" in r for r in rows) and all(
+            a in r for r in rows for a in family_by):
+        rows = adjust_cells(rows, p_key="test_vs_baseline_p", family_by=family_by)
     df = pd.DataFrame(rows)
     if "reported_partition" not in df:
         df["reported_partition"] = "test"
@@ -34,10 +49,31 @@ def results_table(results: list[dict]) -> pd.DataFrame:
     return df
 
 
+def _f(value, spec: str, width: int) -> str:
+    """A number formatted, or a dash when missing (NaN/None): strata only, failed parts."""
+    try:
+        if value is None or math.isnan(float(value)):
+            return f"{'-':>{width}}"
+    except (TypeError, ValueError):
+        return f"{'-':>{width}}"
+    return f"{format(float(value), spec):>{width}}"
+
+
+def _p(value) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(v) else ("<0.001" if v < 0.001 else f"{v:.3f}")
+
+
 def format_table(df: pd.DataFrame) -> str:
-    """Fixed-width text table for the terminal: accuracy vs the majority-class baseline, with CI."""
-    lines = [f"{'cell':<44} {'n tr/va/te':>12} {'val acc':>8} {'baseline':>9} {'test acc [95% CI]':>22} "
-             f"{'AUROC':>6} {'perm p':>7} {'size acc':>8} {'CNN-size':>8}"]
+    """Fixed-width text table for the terminal: accuracy vs the majority-class baseline with CI,
+    the exact McNemar test against it (raw, Holm, BH), AUROC, the pooled model on a stratum's
+    test subjects (stratum - pooled), and the size+age baseline."""
+    lines = [f"{'cell':<44} {'n tr/va/te':>12} {'val acc':>7} {'base':>5} {'test acc [95% CI]':>22} "
+             f"{'p base':>7} {'Holm':>7} {'BH':>7} {'AUROC':>5} {'pooled':>6} {'strat-pooled [95% CI]':>23} "
+             f"{'size+age':>8} {'CNN-size':>8}"]
     for _, r in df.iterrows():
         if r["status"] != "ok":
             lines.append(f"{r['cell']:<44} {r['status']}")
@@ -46,40 +82,62 @@ def format_table(df: pd.DataFrame) -> str:
         ci = f"{r['test_acc']:.3f} [{r['test_acc_ci_low']:.2f}, {r['test_acc_ci_high']:.2f}]"
         if r["reported_partition"] == "val":
             ci = "VAL* " + ci
-        lines.append(f"{r['cell']:<44} {n:>12} {r['best_val_acc']:>8.3f} {r['test_baseline_acc']:>9.3f} "
-                     f"{ci:>22} {r['test_auroc']:>6.3f} {r['test_perm_p']:>7.3f} "
-                     f"{r['size_test_acc']:>8.3f} {r['cnn_minus_size_acc']:>+8.3f}")
+        strat = "-"
+        if pd.notna(r["stratum_minus_pooled_acc"]):
+            strat = (f"{r['stratum_minus_pooled_acc']:+.3f} [{r['stratum_minus_pooled_acc_ci_low']:+.2f}, "
+                     f"{r['stratum_minus_pooled_acc_ci_high']:+.2f}]")
+        elif pd.notna(r["stratum_minus_pooled_auroc"]):
+            strat = f"AUROC {r['stratum_minus_pooled_auroc']:+.3f}"
+        lines.append(f"{r['cell']:<44} {n:>12} {_f(r['best_val_acc'], '.3f', 7)} {_f(r['test_baseline_acc'], '.3f', 5)} "
+                     f"{ci:>22} {_p(r['test_vs_baseline_p']):>7} {_p(r['test_vs_baseline_p_holm']):>7} "
+                     f"{_p(r['test_vs_baseline_p_bh']):>7} {_f(r['test_auroc'], '.3f', 5)} "
+                     f"{_f(r['pooled_test_acc'], '.3f', 6)} {strat:>23} {_f(r['size_age_test_acc'], '.3f', 8)} "
+                     f"{_f(r['cnn_minus_size_age_acc'], '+.3f', 8)}")
+    lines.append("p base: exact McNemar test of the model against the majority-class predictor on the same "
+                 "subjects (one-sided); Holm: family-wise, BH: false-discovery-rate adjusted over the cells")
+    lines.append("pooled: the cohort's pooled model on this stratum's own test subjects; strat-pooled: paired "
+                 "accuracy difference (AUROC only where the stratum has its own threshold)")
     if (df["reported_partition"] == "val").any():
         lines.append("VAL*: seed-replication protocol; validation subjects, also used for selection (optimistic)")
     return "\n".join(lines)
 
 
 def plot_accuracy(df: pd.DataFrame, out: Path, title: str) -> Path:
-    """Dot-and-whisker plot of test accuracy (95% bootstrap CI) per cell, baseline as a red tick."""
+    """Dot-and-whisker plot of test accuracy (95% CI) per cell: the baseline as a red tick, the
+    pooled model on the stratum's test subjects as an open square, and per cell the test
+    against the baseline (raw and Holm-adjusted p) and stratum - pooled in the right margin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = df[df["status"] == "ok"].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(9, 0.6 * max(len(ok), 2) + 2.6))
+    fig, ax = plt.subplots(figsize=(11, 0.6 * max(len(ok), 2) + 2.6))
     y = range(len(ok))
     if len(ok):
         err = [ok["test_acc"] - ok["test_acc_ci_low"], ok["test_acc_ci_high"] - ok["test_acc"]]
         ax.errorbar(ok["test_acc"], y, xerr=err, fmt="o", color="C0", capsize=4, label="test accuracy (95% CI)")
         ax.scatter(ok["test_baseline_acc"], y, marker="|", s=400, color="C3", label="majority-class baseline")
         ax.scatter(ok["best_val_acc"], y, marker="x", color="grey", label="validation accuracy (selection)")
-        if ok["size_test_acc"].notna().any():
-            ax.scatter(ok["size_test_acc"], y, marker="D", color="C2", s=25, label="body-size baseline (test)")
+        if ok["pooled_test_acc"].notna().any():
+            ax.scatter(ok["pooled_test_acc"], y, marker="s", facecolors="none", edgecolors="C1", s=50,
+                       label="pooled model on the stratum's test subjects")
+        if ok["size_age_test_acc"].notna().any():
+            ax.scatter(ok["size_age_test_acc"], y, marker="D", color="C2", s=25, label="size+age baseline (test)")
+        for i, r in ok.iterrows():
+            text = f"p={_p(r['test_vs_baseline_p'])}, Holm {_p(r['test_vs_baseline_p_holm'])}"
+            if pd.notna(r["stratum_minus_pooled_acc"]):
+                text += f"; vs pooled {r['stratum_minus_pooled_acc']:+.2f} (p={_p(r['stratum_minus_pooled_acc_p'])})"
+            ax.annotate(text, xy=(1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=7)
     ax.axvline(0.5, color="lightgrey", lw=1, zorder=0)
     ax.set_yticks(list(y), ok["cell"].tolist() if len(ok) else [])
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
-    ax.set_xlabel("subject-level accuracy")
+    ax.set_xlabel("subject-level accuracy; p: exact McNemar vs the baseline, one-sided")
     ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out

@@ -103,7 +103,8 @@ def _interrupted(results) -> bool:
 def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_concurrent: int):
     """The cell's Tuner: restored from its experiment folder when a resumed launch finds one
     (finished trials are kept, Optuna's state comes back, unfinished trials continue from their
-    checkpoints), else a new one."""
+    checkpoints), else a new one. A nested-CV outer fold (ctx.outer_fold) is an experiment of
+    its own, `<cell>__outer<j>`, with a sampler seeded for that fold."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -111,12 +112,13 @@ def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_co
 
     trainable = tune.with_resources(tune.with_parameters(cell_trainable(ctx.cell.name), ctx=ctx),
                                     {"cpu": ctx.cpus_per_trial, "gpu": ctx.gpus_per_trial})
-    path = experiment_path(storage_path, ctx.cell.name)
+    name = ctx.cell.name if ctx.outer_fold is None else f"{ctx.cell.name}__outer{ctx.outer_fold}"
+    path = experiment_path(storage_path, name)
     if tune.Tuner.can_restore(path):
         # errored trials used up their retries in the earlier session; they stay errored
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False), True
     searcher = _pruned_aware_searcher(optuna_space(grid.search),
-                                      seed=cell_seed(ctx.cell.name, grid.split.seed),
+                                      seed=cell_seed(name, grid.split.seed),
                                       startup=grid.optuna_startup_trials,
                                       # only a scheduler stops trials early; without one nothing is pruned
                                       max_epochs=grid.train.epochs if grid.scheduler == "asha" else 0)
@@ -133,7 +135,7 @@ def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_co
                                     # process, no second import of torch (seconds per trial)
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=ctx.cell.name, storage_path=storage_path, verbose=0,
+            name=name, storage_path=storage_path, verbose=0,
             callbacks=[progress.tune_callback(ctx.cell.name, ctx.progress_hub)],
             # retries restart a trial from its checkpoint before Optuna hears of a failure
             failure_config=tune.FailureConfig(max_failures=grid.trial_retries),
@@ -160,15 +162,22 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
                                      "node": _node_id()})
     status = "FAILED"
     try:
-        tuner, restored = build_tuner(ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent)
-        if restored:
-            client.set_tag(ctx.cell_run_id, "resumed", "true")
-        results = tuner.fit()
-        if _interrupted(results):
-            status = "KILLED"
-            return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id, "status": "interrupted"}
+        searched = []  # (context, Tune results) per search: one, or one per nested-CV outer fold
+        for fold_ctx in fold_contexts(ctx):
+            tuner, restored = build_tuner(fold_ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent)
+            if restored:
+                client.set_tag(ctx.cell_run_id, "resumed", "true")
+            results = tuner.fit()
+            if _interrupted(results):
+                status = "KILLED"
+                return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
+                        "status": "interrupted"}
+            searched.append((fold_ctx, results))
         tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
-        row = evaluation.finish_cell(ctx, grid, client, results)
+        if ctx.outer_folds:
+            row = evaluation.finish_nested_cell(ctx, grid, client, searched)
+        else:
+            row = evaluation.finish_cell(ctx, grid, client, searched[0][1])
         status = "FINISHED"
         return row
     except Exception as exc:  # one failing cell must not take the other cells' results with it
@@ -179,6 +188,17 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
         if status == "KILLED":
             tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
         client.set_terminated(ctx.cell_run_id, status)
+
+
+def fold_contexts(ctx: CellContext) -> list[CellContext]:
+    """The searches a cell runs: itself, or under nested CV one per outer fold, each with that
+    fold's split (train + inner folds + test), labels and threshold."""
+    import dataclasses
+
+    if not ctx.outer_folds:
+        return [ctx]
+    return [dataclasses.replace(ctx, split=f.split, labels=f.labels, threshold=f.threshold,
+                                threshold_rule=f.threshold_rule, outer_fold=f.index) for f in ctx.outer_folds]
 
 
 def remote_cell_runner():

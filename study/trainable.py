@@ -24,6 +24,7 @@ import numpy as np
 
 from study import tracking
 from study.config import Cell, TrainConfig
+from study.selection import epoch_key, from_engine, reportable, selection_value
 
 CHECKPOINT_FILE = "model_state.pt"
 
@@ -48,6 +49,11 @@ class CellContext:
     gpus_per_trial: float
     protocol: str = "holdout"  # holdout | seed_replication | nested_cv (see study/config.py)
     checkpoint_interval_s: float = 30.0  # see GridConfig.checkpoint_interval_s
+    select_on: str = "balanced_acc"  # epoch, trial and ASHA selection (study/selection.py)
+    # nested CV: the plan's OuterFolds (study/plan.py); the cell runs one search per outer fold,
+    # each with that fold's split, labels and threshold in the fields above (outer_fold = its index)
+    outer_folds: tuple = ()
+    outer_fold: int | None = None
     progress_hub: str | None = None  # the launch's progress actor (study/progress.py); None: silent
 
 
@@ -177,7 +183,7 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
                 to_tune(report)
 
         result = fit(fit_model, loaders["train"], loaders["val"], train, device=device,
-                     on_epoch=on_epoch, state=state)
+                     on_epoch=on_epoch, state=state, select_key=epoch_key(ctx.select_on))
         if not reported[0]:  # restored after its last epoch: nothing left to train, say so once
             to_tune(epoch_report(result["history"][-1], result["state"]))
         ran = result["history"][len(result["history"]) - reported[0]:]  # this attempt's epochs
@@ -198,7 +204,7 @@ def epoch_report(metrics: dict[str, float], st) -> dict[str, float]:
             "train_loss": float(metrics["train_loss"]),
             "val_slice_acc": float(metrics.get("val_slice_acc", math.nan)),
             "best_val_acc": float(best["val_subject_acc"]), "best_val_loss": float(best["val_loss"]),
-            "best_val_score": float(st.best_key[0]), "epoch": int(metrics["epoch"])}
+            "best_val_score": reportable(float(st.best_key[0])), "epoch": int(metrics["epoch"])}
 
 
 def _trial_run(client, ctx: CellContext, train: TrainConfig, saved: dict | None) -> tuple[str, set[int]]:
@@ -216,10 +222,12 @@ def _trial_run(client, ctx: CellContext, train: TrainConfig, saved: dict | None)
         run_id = found[0].info.run_id if found else None
     tags = {"worker_pid": str(os.getpid()), "node_id": _node_id()}
     if run_id is None:
-        run_id = tracking.create_run(client, ctx.experiment_id, name=f"{ctx.cell.name}/{trial_name}",
+        fold = {} if ctx.outer_fold is None else {"outer_fold": str(ctx.outer_fold)}
+        name = ctx.cell.name + ("" if ctx.outer_fold is None else f"/outer{ctx.outer_fold}")
+        run_id = tracking.create_run(client, ctx.experiment_id, name=f"{name}/{trial_name}",
                                      run_type="trial", parent_run_id=ctx.cell_run_id,
                                      tags={"cell": ctx.cell.name, "trial": trial_name,
-                                           "tune_trial_id": trial_id, "attempt": "1", **tags})
+                                           "tune_trial_id": trial_id, "attempt": "1", **fold, **tags})
         tracking.log_params(client, run_id, {**dataclasses.asdict(train),
                                              **{f"axis.{k}": v for k, v in ctx.cell.axes.items()},
                                              "store_hash": ctx.store_hash})
@@ -318,10 +326,11 @@ def model_from_checkpoint(saved: dict, train: TrainConfig, *, state: str = "best
 
 def run_cv_trial(store, ctx: CellContext, train: TrainConfig, *, client, run_id: str, device: str) -> None:
     """Nested CV, inner loop: k fits (one per held-out fold) → the epoch with the best mean
-    fold accuracy → one refit on all non-test subjects for that many epochs, checkpointed.
+    fold selection value (`select_on`) → one refit on all non-test subjects for that many
+    epochs, checkpointed.
 
-    The reported `best_val_acc` is the mean inner-fold subject accuracy at the chosen epoch;
-    the test subjects are never touched here.
+    The reported `best_val_score` is the mean inner-fold selection value at the chosen epoch
+    (`best_val_acc` the mean subject accuracy there); the test subjects are never touched here.
     """
     from ray import tune
 
@@ -329,7 +338,7 @@ def run_cv_trial(store, ctx: CellContext, train: TrainConfig, *, client, run_id:
     from study.model import seed_everything
 
     folds = sorted((k for k in ctx.split if k.startswith("fold")), key=lambda k: int(k[4:]))
-    acc_curves, loss_curves = [], []
+    acc_curves, loss_curves, score_curves = [], [], []
     for i, fold in enumerate(folds):
         rest = [f for f in folds if f != fold]
         fold_ctx = dataclasses.replace(
@@ -340,13 +349,15 @@ def run_cv_trial(store, ctx: CellContext, train: TrainConfig, *, client, run_id:
         history = fit(fit_model, loaders["train"], loaders["val"], train, device=device)["history"]
         acc_curves.append([h["val_subject_acc"] for h in history])
         loss_curves.append([h["val_loss"] for h in history])
-        fold_best = max(acc_curves[-1])
-        tracking.log_metrics(client, run_id, {"fold_best_val_acc": fold_best}, step=i)
-        running = float(np.mean([max(c) for c in acc_curves]))
-        tune.report({"best_val_acc": running, "best_val_score": running, "fold": i,
+        score_curves.append([selection_value(from_engine(h), ctx.select_on) for h in history])
+        tracking.log_metrics(client, run_id, {"fold_best_val_acc": max(acc_curves[-1]),
+                                              "fold_best_val_score": reportable(max(score_curves[-1]))}, step=i)
+        tune.report({"best_val_acc": float(np.mean([max(c) for c in acc_curves])),
+                     "best_val_score": reportable(float(np.mean([max(c) for c in score_curves]))), "fold": i,
                      "best_val_loss": float(np.mean([min(c) for c in loss_curves]))})
     mean_acc, mean_loss = np.mean(acc_curves, axis=0), np.mean(loss_curves, axis=0)
-    best_epoch = 1 + max(range(len(mean_acc)), key=lambda e: (mean_acc[e], -mean_loss[e]))
+    mean_score = np.mean(score_curves, axis=0)
+    best_epoch = 1 + max(range(len(mean_score)), key=lambda e: (mean_score[e], -mean_loss[e]))
     tracking.log_metric_steps(client, run_id, {epoch: {"cv_val_acc": float(a), "cv_val_loss": float(loss)}
                                                for epoch, (a, loss) in enumerate(zip(mean_acc, mean_loss), start=1)})
     # refit on every non-test subject; "val" is unused (fit gets none) but keeps the loaders' shape
@@ -355,8 +366,9 @@ def run_cv_trial(store, ctx: CellContext, train: TrainConfig, *, client, run_id:
                                     labels={"train": ctx.labels["train"], "val": ctx.labels[folds[0]]})
     model, fit_model, loaders, how = build_trial(store, refit_ctx, train, device=device)
     refit = fit(fit_model, loaders["train"], None, dataclasses.replace(train, epochs=best_epoch), device=device)
-    score = float(mean_acc[best_epoch - 1])
-    report = {"best_val_acc": score, "best_val_score": score, "best_val_loss": float(mean_loss[best_epoch - 1]),
+    report = {"best_val_acc": float(mean_acc[best_epoch - 1]),
+              "best_val_score": reportable(float(mean_score[best_epoch - 1])),
+              "best_val_loss": float(mean_loss[best_epoch - 1]),
               "cv_best_epoch": best_epoch, "fold": len(folds)}
     tracking.log_metrics(client, run_id, {"best_val_acc": report["best_val_acc"], "cv_best_epoch": best_epoch})
     _report_with_checkpoint(report, _checkpoint(train, run_id, fit_model, model, how, refit["state"]))

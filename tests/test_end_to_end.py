@@ -21,6 +21,7 @@ GRID = {
     "trials_per_cell": 2,
     "optuna_startup_trials": 1,
     "min_subjects_per_cell": 20,
+    "min_test_per_class": 1,  # ~11 test subjects: a pipeline check, not a result (default 9 would refuse it)
     "train": {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "weights": "none",
               "slices_per_subject": 3},
     "split": {"val": 0.2, "test": 0.25, "seed": 0},
@@ -88,8 +89,12 @@ def test_runs_are_nested_launch_cell_trial(pipeline):
     assert cell.data.params["cohort"] == "oai"
     m = cell.data.metrics
     for key in ("n_train", "n_val", "n_test", "best_val_acc", "test_acc", "test_baseline_acc",
-                "test_acc_ci_low", "test_acc_ci_high", "size_test_acc", "cnn_minus_size_acc"):
+                "test_acc_ci_low", "test_acc_ci_high", "size_age_test_acc", "cnn_minus_size_age_acc",
+                "test_vs_baseline_p", "test_vs_baseline_p_holm", "test_vs_baseline_p_bh"):
         assert key in m, key
+    # Holm over the launch's two cells: never below the raw p, at most twice it
+    assert m["test_vs_baseline_p"] <= m["test_vs_baseline_p_holm"] <= min(1.0, 2 * m["test_vs_baseline_p"]) + 1e-12
+    assert cell.data.tags["multiplicity_family"] == "launch" and m["multiplicity_family_size"] == 2
     assert m["test_acc_ci_low"] <= m["test_acc"] <= m["test_acc_ci_high"]
     assert 0.0 <= m["test_baseline_acc"] <= 1.0  # train majority applied to test: may be < 0.5
     assert m["n_train"] + m["n_val"] + m["n_test"] == m["n"]
@@ -97,7 +102,7 @@ def test_runs_are_nested_launch_cell_trial(pipeline):
     for t in by_type["trial"]:
         assert len(client.get_metric_history(t.info.run_id, "val_acc")) == GRID["train"]["epochs"]
     artifacts = {a.path for a in client.list_artifacts(launch.info.run_id)}
-    assert {"cells.csv", "accuracy_vs_baseline.png", "resolved_grid.json"} <= artifacts
+    assert {"cells.csv", "accuracy_vs_baseline.png", "resolved_grid.json", "measure_differences.csv"} <= artifacts
     table = pd.read_csv(pipeline["results"]).set_index("measure")
     assert (table["status"] == "ok").all()
     assert table.loc["leg_strength", "test_acc"] == pytest.approx(m["test_acc"])
@@ -164,6 +169,31 @@ def _launch_single_cell(pipeline, short_tmp, name: str, **overrides):
     return client, cell, trials
 
 
+def test_strata_are_scored_against_the_pooled_model_on_their_own_test_subjects(pipeline, short_tmp):
+    from mlflow.tracking import MlflowClient
+
+    from study.launch import main as launch_main
+
+    grid = {**GRID, "name": "e2e_strata", "store": str(pipeline["store"]), "trials_per_cell": 1,
+            "grid": {"cohort": ["oai"], "measure": ["leg_strength"], "sex": ["all", "female"]},
+            "search": {"freeze": {"choice": ["fc"]}}, "train": {**GRID["train"], "epochs": 1}}
+    path = pipeline["root"] / "e2e_strata.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert launch_main(["--grid", str(path), "--tracking-uri", pipeline["url"], "--num-cpus", "2",
+                        "--storage-path", str(short_tmp / "ray_strata")]) == 0
+    client = MlflowClient(pipeline["url"])
+    exp = client.get_experiment_by_name("e2e_strata")
+    cells = {c.data.params["sex"]: c for c in client.search_runs([exp.experiment_id], "tags.run_type = 'cell'")}
+    female, pooled = cells["female"].data.metrics, cells["all"].data.metrics
+    # one split per cohort: the stratum's test subjects are the pooled cell's female test subjects
+    assert 0 < female["n_test"] < pooled["n_test"] and female["pooled_n_test"] == female["n_test"]
+    assert female["pooled_n_label_differs"] == 0  # threshold: cohort is one number for both cells
+    assert cells["female"].data.params["threshold"] == cells["all"].data.params["threshold"]
+    assert female["stratum_minus_pooled_acc"] == pytest.approx(female["test_acc"] - female["pooled_test_acc"])
+    assert "stratum_minus_pooled_acc_ci_low" in female and "stratum_minus_pooled_auroc_p" in female
+    assert not any(k.startswith("stratum_minus_pooled") for k in pooled)
+
+
 def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tmp):
     _, cell, _ = _launch_single_cell(
         pipeline, short_tmp, "e2e_seed", protocol="seed_replication", threshold_fit="all",
@@ -174,11 +204,23 @@ def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tm
     assert cell.data.metrics["n_test"] == 0
 
 
-def test_nested_cv_selects_on_inner_folds_and_reports_outer_test(pipeline, short_tmp):
-    client, cell, (trial,) = _launch_single_cell(
+def test_nested_cv_tests_every_subject_once_over_the_outer_folds(pipeline, short_tmp):
+    from study.evaluation import load_predictions
+
+    client, cell, trials = _launch_single_cell(
         pipeline, short_tmp, "e2e_cv", protocol="nested_cv",
-        train={**GRID["train"], "epochs": 2}, split={"test": 0.25, "folds": 3, "seed": 0})
-    assert len(client.get_metric_history(trial.info.run_id, "fold_best_val_acc")) == 3
-    assert len(client.get_metric_history(trial.info.run_id, "cv_val_acc")) == 2
-    assert cell.data.metrics["best_val_acc"] == pytest.approx(trial.data.metrics["best_val_acc"])
-    assert "test_acc" in cell.data.metrics and cell.data.metrics["n_val"] == 0
+        train={**GRID["train"], "epochs": 2}, split={"outer_folds": 3, "folds": 2, "seed": 0})
+    # one search per outer fold, each selecting on its own inner folds
+    assert sorted(t.data.tags["outer_fold"] for t in trials) == ["0", "1", "2"]
+    for trial in trials:
+        assert len(client.get_metric_history(trial.info.run_id, "fold_best_val_acc")) == 2
+        assert len(client.get_metric_history(trial.info.run_id, "cv_val_acc")) == 2
+    m = cell.data.metrics
+    assert m["n_tested"] == m["n"] and m["n_outer_folds"] == 3
+    assert len(client.get_metric_history(cell.info.run_id, "outer_test_acc")) == 3
+    pooled = load_predictions(client, cell.info.run_id)
+    assert len(pooled["rows"]) == len(set(pooled["rows"].tolist())) == m["n"]  # every subject tested once
+    assert m["test_acc"] == pytest.approx(((pooled["probs"] >= 0.5) == pooled["labels"]).mean())
+    for key in ("test_vs_baseline_p", "test_acc_ci_low", "size_age_test_acc", "cnn_minus_size_age_acc"):
+        assert key in m, key
+    assert cell.data.tags["model_outer_fold"] in {"0", "1", "2"}

@@ -32,7 +32,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENSHOTS = Path(os.environ.get("THIGHMRI_SCREENSHOTS") or Path(__file__).resolve().parents[2] / "runs" / "screenshots")
 VIEWPORT = {"width": 1800, "height": 1000}
 LOAD_TIMEOUT_MS = 60_000  # a loaded 2-core machine: the first page compiles MLflow's UI bundle
-RUN_TABLE_METRICS = ["best_val_acc", "test_acc", "test_baseline_acc", "size_test_acc"]  # accuracy beside baselines
+RUN_TABLE_METRICS = ["best_val_acc", "test_acc", "test_baseline_acc", "size_age_test_acc"]  # accuracy beside baselines
 
 
 @dataclass
@@ -91,7 +91,7 @@ def ui_pages(study: dict) -> dict[str, UiPage]:
             route=f"#/experiments/{study['experiment_id']}/runs/{cell.info.run_id}",
             ready=[_link_to_run(study["launch"]), *[_link_to_run(t) for t in study["trials"]]],  # parent, children
             prepare=_filter_metrics,
-            expect=["test_acc", "test_acc_ci_low", "test_acc_ci_high", "test_baseline_acc", "size_test_acc",
+            expect=["test_acc", "test_acc_ci_low", "test_acc_ci_high", "test_baseline_acc", "size_age_test_acc",
                     repr(cell.data.metrics["test_acc"]), repr(cell.data.metrics["test_baseline_acc"]), model]),
         "registered_model": UiPage(
             route=f"#/models/{model}",

@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.store import open_store, pseudonym
 from study import data
-from study.body_size import (fit_size_baseline, paired_difference, size_baseline, size_features,
+from study.body_size import (fit_size_baseline, size_baseline, size_features,
                              thigh_areas, tissue_masks)
 
 SALT = "body-size-test-salt-0123456789"
@@ -97,15 +97,16 @@ def test_size_baseline_imputes_missing_bmi(cohort):
         fit_size_baseline(features, np.zeros(len(rows)))
 
 
-def test_paired_difference():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 80)
-    noisy = np.where(rng.random(80) < 0.5, y, 1 - y)
-    diff, low, high = paired_difference(y, noisy, noisy, n_boot=500, seed=0)
-    assert diff == 0 and low <= 0 <= high
-    diff, low, high = paired_difference(y, y, noisy, n_boot=500, seed=0)
-    assert diff == pytest.approx(1 - np.mean(noisy == y)) and 0 < low <= diff <= high
-    diff_rev, low_rev, high_rev = paired_difference(y, noisy, y, n_boot=500, seed=0)
-    assert diff_rev == -diff and high_rev < 0
-    with pytest.raises(ValueError):
-        paired_difference(y, y[:-1], y)
+def test_size_comparison_reports_accuracy_and_auroc_differences():
+    from study.body_size import FEATURES, SIZE_MODEL_NAME, size_comparison
+
+    assert "age" in FEATURES and SIZE_MODEL_NAME == "size+age"
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 120)
+    cnn = np.clip(0.5 + (y - 0.5) * 0.5 + rng.normal(0, 0.2, 120), 0, 1)
+    size = rng.random(120)
+    out = size_comparison(y, cnn, size, n_boot=400)
+    assert set(out) == {f"cnn_minus_size_age_{k}" for k in ("acc", "acc_ci_low", "acc_ci_high", "acc_p", "auroc",
+                                                            "auroc_ci_low", "auroc_ci_high", "auroc_p")}
+    assert out["cnn_minus_size_age_acc_ci_low"] > 0 and out["cnn_minus_size_age_auroc_ci_low"] > 0
+    assert out["cnn_minus_size_age_acc_p"] < 0.001 and out["cnn_minus_size_age_auroc_p"] < 0.001

@@ -128,3 +128,25 @@ def test_checkpoint_interval_and_retries_are_checked():
     with pytest.raises(GridError) as exc:
         parse_grid({**MINIMAL, "checkpoint_interval_s": -1, "trial_retries": "x"})
     assert "checkpoint_interval_s" in str(exc.value) and "trial_retries" in str(exc.value)
+
+
+def test_statistics_settings_default_and_checked():
+    grid = parse_grid(MINIMAL)
+    assert grid.select_on == "balanced_acc" and grid.min_test_per_class == 9 and grid.small_cells == "refuse"
+    assert grid.multiplicity_family == () and grid.split.outer_folds == 5 and grid.split.stratify_bmi
+    ok = parse_grid({**MINIMAL, "select_on": "loss", "multiplicity_family": ["cohort", "measure"],
+                     "small_cells": "nested_cv", "split": {"stratify_measure": "leg_strength"}})
+    assert ok.select_on == "loss" and ok.multiplicity_family == ("cohort", "measure")
+    assert ok.split.stratify_measure == "leg_strength"
+    raw = {**MINIMAL, "select_on": "f1", "small_cells": "drop", "multiplicity_family": ["site"],
+           "min_test_per_class": 0, "threshold_fit": "all", "split": {"stratify_measure": "grip", "outer_folds": 1},
+           "protocol": "nested_cv"}
+    with pytest.raises(GridError) as exc:
+        parse_grid(raw)
+    msg = str(exc.value)
+    for piece in ("select_on: unknown value 'f1'", "small_cells: unknown value 'drop'", "multiplicity_family",
+                  "min_test_per_class: expected an integer >= 1", "threshold_fit: all labels test subjects",
+                  "split.stratify_measure: unknown measure 'grip'", "split.outer_folds"):
+        assert piece in msg, piece
+    allowed = parse_grid({**MINIMAL, "threshold_fit": "all", "allow_threshold_fit_all": True})
+    assert allowed.threshold_fit == "all"

@@ -123,7 +123,12 @@ def test_sigkill_mid_study_then_resume_keeps_finished_cells(two_cohort_store, ml
     trial_runs = check_complete(client, exp_id, n_cells=2, trials=3)
     assert len(runs_of(client, exp_id, "tags.run_type = 'launch'")) == 1  # the same launch, not a new one
     again = client.get_run(finished.info.run_id)
-    assert again.data.metrics == finished.data.metrics  # kept as it was, not recomputed
+    # kept as it was, not recomputed; only the launch-wide numbers (multiplicity over every
+    # cell of the launch) are added once the launch has all its cells
+    launch_wide = {k: v for k, v in again.data.metrics.items() if k not in finished.data.metrics}
+    assert {k: again.data.metrics[k] for k in finished.data.metrics} == finished.data.metrics
+    assert set(launch_wide) == {"test_vs_baseline_p_holm", "test_vs_baseline_p_bh", "multiplicity_family_size"}
+    assert launch_wide["multiplicity_family_size"] == 2
     assert again.data.tags.get("resumed") is None
     continued = client.get_run(in_flight.info.run_id)
     assert continued.data.tags["attempt"] == "2"  # the in-flight trial went on in its own run
