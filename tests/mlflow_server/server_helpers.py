@@ -26,6 +26,7 @@ STUDY_GRID = {
     "trials_per_cell": 2,
     "optuna_startup_trials": 1,
     "min_subjects_per_cell": 20,
+    "min_test_per_class": 1,  # a few test subjects: a pipeline check, not a result (default 9 would refuse it)
     "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw", "weights": "none", "slices_per_subject": 3},
     "split": {"val": 0.2, "test": 0.25, "seed": 0},
     "resources_per_trial": {"cpu": 1, "gpu": 0},

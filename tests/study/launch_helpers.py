@@ -20,6 +20,7 @@ def write_grid(path: Path, store: Path, **overrides) -> Path:
             "grid": {"cohort": ["oai"], "measure": ["leg_strength"]},
             "search": {"lr": {"loguniform": [1e-3, 1e-2]}}, "trials_per_cell": 2, "optuna_startup_trials": 1,
             "max_concurrent_per_cell": 1, "checkpoint_interval_s": 0,
+            "min_test_per_class": 1,  # 7-15 test subjects: a check of the launch, not a result
             "train": {"epochs": 4, "batch_size": 16, "optimizer": "adamw", "weights": "none", "freeze": "none",
                       "slices_per_subject": 5},
             "split": {"val": 0.25, "test": 0.25, "seed": 0}}
