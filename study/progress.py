@@ -31,10 +31,18 @@ def hub_name(launch_run_id: str) -> str:
 
 
 class ProgressHub:
-    """An append-only event list; the driver drains it by cursor."""
+    """An append-only event list; the driver drains it by cursor. Also where the driver says
+    that the launch is being stopped (cells ask after their Tune run returns)."""
 
     def __init__(self) -> None:
         self.events: list[dict] = []
+        self.stopping = False
+
+    def request_stop(self) -> None:
+        self.stopping = True
+
+    def stop_requested(self) -> bool:
+        return self.stopping
 
     def post(self, event: dict) -> None:
         self.events.append(event)
@@ -293,6 +301,33 @@ def _hms(seconds: float) -> str:
         return "?"
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def request_stop(hub, timeout: float = 5.0) -> None:
+    """Record on the hub that the launch is stopping (before the cells get SIGUSR1)."""
+    import ray
+
+    try:
+        ray.get(hub.request_stop.remote(), timeout=timeout)
+    except Exception:  # a dead hub: cells fall back to Tune's trial states
+        pass
+
+
+def stop_requested(name: str | None, timeout: float = 10.0) -> bool:
+    """Whether the launch's driver asked its cells to stop (False without a reachable hub).
+
+    A cell cannot tell from Tune's results alone: when SIGUSR1 interrupts Tune, its cleanup
+    marks the trials it stops TERMINATED in the returned results (the experiment state saved
+    for --resume keeps them RUNNING), so an interrupted search can look complete.
+    """
+    if not name:
+        return False
+    try:
+        import ray
+
+        return bool(ray.get(ray.get_actor(name, namespace=NAMESPACE).stop_requested.remote(), timeout=timeout))
+    except Exception:
+        return False
 
 
 def drain(hub, cursor: int, timeout: float = 5.0) -> tuple[int, list[dict]]:

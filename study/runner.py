@@ -133,6 +133,7 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
         print(f"\n{name} received: stopping {len(pending)} running cell(s) (they save their state for --resume); "
               f"up to {GRACE_S:.0f} s, send {name} again to stop at once", flush=True)
         pump()
+        progress.request_stop(hub)  # first: a cell whose Tune run returns now must not finish as complete
         for ctx in pending.values():
             if ctx.cell.name in tasks:
                 _signal_cell(*tasks[ctx.cell.name], here)

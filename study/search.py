@@ -168,7 +168,7 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
             if restored:
                 client.set_tag(ctx.cell_run_id, "resumed", "true")
             results = tuner.fit()
-            if _interrupted(results):
+            if _interrupted(results) or progress.stop_requested(ctx.progress_hub):
                 status = "KILLED"
                 return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
                         "status": "interrupted"}
