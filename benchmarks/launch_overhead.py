@@ -3,6 +3,7 @@ the CPUs stay over a grid.
 
     .venv/bin/python benchmarks/launch_overhead.py overhead --subjects 160 --trials 4
     .venv/bin/python benchmarks/launch_overhead.py busy --store data/demo/store.zarr   # the demo grid
+    .venv/bin/python benchmarks/launch_overhead.py overhead --oai --cells 48 --trials 10   # issue 13's grid
 
 Both run the real launch path (study/launch.py's main: local Ray, a real MLflow server in a
 temporary home, Tune + Optuna, checkpoints), in this process.
@@ -14,6 +15,10 @@ overhead: cached fc-only trials (freeze fc, weights none, the seed's SGD and bat
     trials, where the trial phase runs from the launch run's start to the last trial's end:
     it charges worker start-up, imports, MLflow runs, store and feature reads, checkpoints and
     Tune's scheduling to the trials. Goal: <= 20% of the trial.
+    --oai: the OAI-size store with a warm, prefilled feature cache (benchmarks/oai_cache.py:
+    3,515 participants x 15 slices, 512 planted features per slice; no feature pass), and
+    --cells N cells of the 4 measures x 3 sexes x 4 BMI strata grid (48 = all of it);
+    --torch-head runs the trials on engine.fit instead of the compiled head trainer.
 busy: the CPU time the whole machine spent busy (/proc/stat, all cores) over the launch of a
     grid (default ablations/demo.yaml), from Ray's start to the results table. Goal: >= 85%.
     Anything else running on the machine counts too: measure on a quiet machine.
@@ -33,6 +38,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def cpu_times() -> tuple[float, float]:
@@ -98,13 +104,23 @@ def run_launch(grid: dict, root: Path, url: str, cpus: int) -> tuple[str, BusySa
 def overhead(args, root: Path, url: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    store = Path(args.store) if args.store else build_store(root, args.subjects)
+    if args.oai:
+        from oai_cache import build
+
+        store, _ = build(Path(args.oai_root), subjects=args.subjects)
+        axes = [(m, s, b) for b in ("all", "<25", "25-30", ">=30") for s in ("all", "female", "male")
+                for m in ("leg_strength", "gait_speed_short", "gait_400m", "chair_stand")][:args.cells]
+        cells = {"cohort": ["oai"], "measure": sorted({a[0] for a in axes}), "sex": sorted({a[1] for a in axes}),
+                 "bmi": sorted({a[2] for a in axes})}
+    else:
+        store = Path(args.store) if args.store else build_store(root, args.subjects)
+        cells = {"cohort": ["oai"], "measure": ["leg_strength", "gait_speed_short"]}
     grid = {"question": "What does a cached fc-only trial cost beyond its training?", "name": "bench_overhead",
-            "store": str(store), "grid": {"cohort": ["oai"], "measure": ["leg_strength", "gait_speed_short"]},
+            "store": str(store), "grid": cells,
             "search": {"lr": {"loguniform": [1e-4, 1e-2]}}, "trials_per_cell": args.trials,
             "optuna_startup_trials": args.trials,
             "train": {"epochs": args.epochs, "batch_size": 8, "optimizer": "sgd", "momentum": 0.9,
-                      "freeze": "fc", "weights": "none"},
+                      "freeze": "fc", "weights": "none", "compiled_head": not args.torch_head},
             "split": {"val": 0.2, "test": 0.2, "seed": 0}, "resources_per_trial": {"cpu": 1, "gpu": 0}}
     name, sampler, wall = run_launch(grid, root, url, args.cpus)
     client = MlflowClient(url)
@@ -118,7 +134,9 @@ def overhead(args, root: Path, url: str) -> dict:
     slots = min(args.cpus, len(trials))
     per_trial = (phase * slots - compute) / len(trials)
     mean_compute = compute / len(trials)
-    return {"mode": "overhead", "subjects": args.subjects, "trials": len(trials), "epochs": args.epochs,
+    cell_runs = client.search_runs([exp.experiment_id], "tags.run_type = 'cell'", max_results=1000)
+    return {"mode": "overhead", "subjects": args.subjects, "cells": len(cell_runs), "trials": len(trials),
+            "epochs": args.epochs, "trainer": "torch (engine.fit)" if args.torch_head else "compiled head",
             "cpus": args.cpus, "launch_wall_s": round(wall, 1), "trial_phase_wall_s": round(phase, 1),
             "compute_per_trial_s": round(mean_compute, 2),
             "setup_per_trial_s": round(sum(t.data.metrics["time_setup_s"] for t in trials) / len(trials), 2),
@@ -145,11 +163,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=("overhead", "busy"))
     p.add_argument("--store", default=None, help="an existing store (default: build a synthetic one)")
-    p.add_argument("--subjects", type=int, default=160, help="synthetic OAI participants (overhead)")
+    p.add_argument("--subjects", type=int, default=None,
+                   help="synthetic OAI participants (overhead; default 160, with --oai 3515)")
     p.add_argument("--trials", type=int, default=4, help="trials per cell (overhead; 2 cells)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--grid", default=str(REPO / "ablations" / "demo.yaml"), help="grid to run (busy)")
     p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--oai", action="store_true", help="OAI-size store with a prefilled feature cache (overhead)")
+    p.add_argument("--oai-root", default="/tmp/bench_oai", help="where --oai builds (and reuses) its store")
+    p.add_argument("--cells", type=int, default=48, help="cells of the OAI grid (--oai)")
+    p.add_argument("--torch-head", action="store_true", help="trials on engine.fit, not the compiled head")
     return p
 
 
@@ -157,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mlflow_server import server
 
     args = get_args_parser().parse_args(argv)
+    args.subjects = args.subjects or (3515 if args.oai else 160)
     with tempfile.TemporaryDirectory(prefix="bench_launch_", dir="/tmp") as tmp:
         root = Path(tmp)
         info = server.start(root / "mlflow", port=server.free_port(), timeout=120)

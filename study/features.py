@@ -322,6 +322,34 @@ def cached_features(
     return _align(feats, wanted, slice_idx), stats
 
 
+def prefill(model: nn.Module, store: Any, feats: np.ndarray, *, input_size: tuple[int, int] | None = None,
+            cache_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``feats`` as the complete cache entry of ``model``'s frozen prefix on ``store``.
+
+    For benchmarks that need a warm cache at a size whose feature pass would take hours
+    (benchmarks/launch_overhead.py at OAI size): the values are trusted as given, not
+    computed, and every later trial with this key reads them. Replaces an entry of the key.
+
+    Args:
+        model, store, input_size, cache_dir: as cached_features.
+        feats: float32 (n_store_slices, *feature_shape), one row per store slice.
+
+    Returns:
+        The entry's path.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = feature_key(model, store, input_size)
+    path = root / f"{key.digest()}.zarr"
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    if feats.shape[0] != int(store.images.shape[0]):
+        raise ValueError(f"prefill needs one row per store slice ({store.images.shape[0]}), got {feats.shape[0]}")
+    with _locked(root / f"{key.digest()}.lock", exclusive=True):
+        group = _create(path, key, feats.shape[0], tuple(feats.shape[1:]))
+        group["features"][:] = feats
+        group["written"][:] = np.ones(feats.shape[0], bool)
+    return path
+
+
 def _align(feats: np.ndarray, wanted: np.ndarray, slice_idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(feats[np.searchsorted(wanted, slice_idx)]))
 

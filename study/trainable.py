@@ -12,6 +12,7 @@ node's feature cache (study/features.py); the model it returns is still the full
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import tempfile
@@ -24,9 +25,11 @@ import numpy as np
 
 from study import tracking
 from study.config import Cell, TrainConfig
+from study.head_fit import fit_head_like_engine, head_trainer_reason
 from study.selection import epoch_key, from_engine, reportable, selection_value
 
 CHECKPOINT_FILE = "model_state.pt"
+LOG_EVERY_S = 5.0  # a trial's epoch metrics reach MLflow at least this often (and at every checkpoint)
 
 
 @dataclass
@@ -149,7 +152,10 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
             return
         model, fit_model, loaders, how = build_trial(store, ctx, train, device=device,
                                                      on_progress=_cache_progress(ctx, store))
-        client.set_tag(run_id, "feature_cache", how["feature_cache"][:250])
+        why_torch = head_trainer_reason(train, how, fit_model, saved=saved, device=device)
+        tracking.set_tags(client, run_id, {"feature_cache": how["feature_cache"][:250],
+                                           "trainer": "compiled head (study/head_trainer.py)" if why_torch is None
+                                           else f"torch (engine.fit): {why_torch}"[:250]})
         state = None
         if saved is not None:
             _check_prefix(saved, model, how)
@@ -167,14 +173,27 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
                     _report_with_checkpoint(report, payload)
             except BaseException:
                 stopped[0] = True
+                with contextlib.suppress(Exception):  # what was trained and reported stays logged
+                    flush()
                 raise
+
+        pending: dict[int, dict[str, float]] = {}  # epochs not yet sent to MLflow
+        last_flush = [time.monotonic()]
+
+        def flush() -> None:  # one request for several epochs: a compiled trial's 50 take ~1 s
+            if pending:
+                tracking.log_metric_steps(client, run_id, pending)
+                pending.clear()
+            last_flush[0] = time.monotonic()
 
         def on_epoch(epoch: int, metrics: dict[str, float], st: FitState) -> None:
             report = epoch_report(metrics, st)
             if epoch not in logged:
-                tracking.log_metrics(client, run_id, {k: v for k, v in report.items() if k != "epoch"}, step=epoch)
-            due = (epoch == train.epochs
-                   or time.monotonic() - last_checkpoint[0] >= ctx.checkpoint_interval_s)
+                pending[epoch] = {k: v for k, v in report.items() if k != "epoch"}
+            last = epoch == train.epochs
+            due = last or (why_torch is not None and time.monotonic() - last_checkpoint[0] >= ctx.checkpoint_interval_s)
+            if due or time.monotonic() - last_flush[0] >= LOG_EVERY_S:
+                flush()  # before the checkpoint: a restart from it finds every epoch up to it logged
             reported[0] += 1
             if due:
                 to_tune(report, _checkpoint(train, run_id, fit_model, model, how, st))
@@ -182,8 +201,13 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
             else:
                 to_tune(report)
 
-        result = fit(fit_model, loaders["train"], loaders["val"], train, device=device,
-                     on_epoch=on_epoch, state=state, select_key=epoch_key(ctx.select_on))
+        if why_torch is None:
+            result = fit_head_like_engine(fit_model, loaders, train, select_key=epoch_key(ctx.select_on),
+                                          on_epoch=on_epoch)
+        else:
+            result = fit(fit_model, loaders["train"], loaders["val"], train, device=device,
+                         on_epoch=on_epoch, state=state, select_key=epoch_key(ctx.select_on))
+        flush()
         if not reported[0]:  # restored after its last epoch: nothing left to train, say so once
             to_tune(epoch_report(result["history"][-1], result["state"]))
         ran = result["history"][len(result["history"]) - reported[0]:]  # this attempt's epochs

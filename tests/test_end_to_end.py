@@ -194,6 +194,29 @@ def test_strata_are_scored_against_the_pooled_model_on_their_own_test_subjects(p
     assert not any(k.startswith("stratum_minus_pooled") for k in pooled)
 
 
+def test_compiled_head_trials_match_the_torch_loop(pipeline, short_tmp):
+    """freeze=fc trials on cached features train in study/head_trainer.py; the same launch on
+    engine.fit (train.compiled_head: false) gives the same curves and test predictions."""
+    from study.evaluation import load_predictions
+
+    runs = {}
+    for name, compiled in (("e2e_compiled", True), ("e2e_torch", False)):
+        runs[name] = _launch_single_cell(pipeline, short_tmp, name, train={**GRID["train"], "epochs": 6,
+                                                                           "compiled_head": compiled})
+    (client, cell_c, (trial_c,)), (_, cell_t, (trial_t,)) = runs["e2e_compiled"], runs["e2e_torch"]
+    assert trial_c.data.tags["trainer"].startswith("compiled head")
+    assert trial_t.data.tags["trainer"].startswith("torch (engine.fit): off")
+    assert trial_c.data.params["lr"] == trial_t.data.params["lr"]  # the same Optuna draw
+    for key in ("val_acc", "val_loss", "best_val_score"):
+        hist_c = [m.value for m in sorted(client.get_metric_history(trial_c.info.run_id, key), key=lambda m: m.step)]
+        hist_t = [m.value for m in sorted(client.get_metric_history(trial_t.info.run_id, key), key=lambda m: m.step)]
+        assert len(hist_c) == 6 and hist_c == pytest.approx(hist_t, abs=1e-4), key
+    assert cell_c.data.metrics["best_epoch"] == cell_t.data.metrics["best_epoch"]
+    pred_c, pred_t = load_predictions(client, cell_c.info.run_id), load_predictions(client, cell_t.info.run_id)
+    assert (pred_c["rows"] == pred_t["rows"]).all()
+    assert abs(pred_c["probs"] - pred_t["probs"]).max() <= 1e-3  # the issue's tolerance
+
+
 def test_seed_replication_reports_validation_accuracy_by_name(pipeline, short_tmp):
     _, cell, _ = _launch_single_cell(
         pipeline, short_tmp, "e2e_seed", protocol="seed_replication", threshold_fit="all",
