@@ -76,6 +76,12 @@ def post(name: str | None, event: dict) -> None:
         _handles.pop(name, None)
 
 
+def _epochs_done(result: dict) -> int:
+    """Epochs a trial has trained: its report's epoch (a compiled-head trial reports only its
+    last), else Tune's iteration count (nested-CV trials report per fold)."""
+    return int(result.get("epoch") or result.get("training_iteration") or 0)
+
+
 def tune_callback(cell: str, name: str | None):
     """A ray.tune.Callback posting this cell's trial events (start, each report, end)."""
     from ray.tune import Callback
@@ -86,13 +92,13 @@ def tune_callback(cell: str, name: str | None):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             post(name, {"kind": "trial_result", "cell": cell, "trial": trial.trial_id,
-                        "iteration": int(result.get("training_iteration", 0)),
+                        "iteration": _epochs_done(result),
                         "best": result.get("best_val_score")})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
             post(name, {"kind": "trial_end", "cell": cell, "trial": trial.trial_id, "error": False,
-                        "iteration": int(last.get("training_iteration", 0)),
+                        "iteration": _epochs_done(last),
                         "best": last.get("best_val_score")})
 
         def on_trial_error(self, iteration, trials, trial, **info):

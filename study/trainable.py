@@ -55,6 +55,9 @@ class CellContext:
     select_on: str = "balanced_acc"  # epoch, trial and ASHA selection (study/selection.py)
     # nested CV: the plan's OuterFolds (study/plan.py); the cell runs one search per outer fold,
     # each with that fold's split, labels and threshold in the fields above (outer_fold = its index)
+    # every epoch goes to Tune (ASHA decides on them); without a scheduler a compiled-head trial
+    # reports only its last epoch (50 round trips to the driver cost more than its training)
+    report_each_epoch: bool = True
     outer_folds: tuple = ()
     outer_fold: int | None = None
     progress_hub: str | None = None  # the launch's progress actor (study/progress.py); None: silent
@@ -195,6 +198,8 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
             if due or time.monotonic() - last_flush[0] >= LOG_EVERY_S:
                 flush()  # before the checkpoint: a restart from it finds every epoch up to it logged
             reported[0] += 1
+            if why_torch is None and not ctx.report_each_epoch and not last:
+                return
             if due:
                 to_tune(report, _checkpoint(train, run_id, fit_model, model, how, st))
                 last_checkpoint[0] = time.monotonic()
