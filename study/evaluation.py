@@ -118,7 +118,7 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
     """Select on validation, evaluate once on test, log summary + predictions + model; the row."""
     import mlflow
 
-    from data_prep.store import open_store
+    from study.packaging import log_cell_model
 
     clock = [time.perf_counter()]
     seconds: dict[str, float] = {}
@@ -152,16 +152,9 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
     tracking.log_params(client, ctx.cell_run_id, chosen_params)
     tracking.log_json(client, ctx.cell_run_id, {k: np.asarray(v).tolist() for k, v in predictions.items()},
                       PREDICTIONS_FILE)
-    metadata = {"recipe": open_store(ctx.store).recipe.to_dict(),
-                "input_size": list(chosen["train"].input_size or []) or None,
-                "slices_per_subject": chosen["train"].slices_per_subject, "measure": ctx.cell.measure,
-                "direction": ctx.direction, "threshold": ctx.threshold, "threshold_rule": ctx.threshold_rule,
-                "cell": ctx.cell.name, "axes": ctx.cell.axes, "store_hash": ctx.store_hash,
-                "classes": ["low", "high"], "val_acc": summary["best_val_acc"], "test_acc": summary.get("test_acc")}
     mlflow.set_tracking_uri(ctx.tracking_uri)
-    with mlflow.start_run(run_id=ctx.cell_run_id):
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        metadata=metadata, pip_requirements=["torch", "torchvision"])
+    with mlflow.start_run(run_id=ctx.cell_run_id):  # a pyfunc from code: study/packaging.py
+        info = log_cell_model(ctx, model, chosen["train"], summary)
     lap("log_model")
     tracking.log_metrics(client, ctx.cell_run_id, seconds)
     client.set_tag(ctx.cell_run_id, "model_uri", info.model_uri)
