@@ -17,6 +17,7 @@ this repo), the artifacts are the network's `state_dict` (`weights.pt`, read bac
   - stratum: the cell's sex and BMI strata, which prediction checks;
   - majority: the training majority class and its share (the baseline shown beside a
     prediction), classes, threshold, measure, cell, store hash, selection metric.
+The model card (study/model_card.py) is stored with it as `artifacts/model_card.md`.
 Signature (input `path`, optional `sex`, `bmi`; param `strict`), an input example and pinned
 requirements (the exact versions installed here) make `mlflow models predict` work in a fresh
 environment (tests/study/test_pyfunc_model.py).
@@ -35,6 +36,7 @@ import numpy as np
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.pt"
+CARD_FILE = "model_card.md"  # study/model_card.py; the registry description too (promote.py)
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "scipy", "pandas", "pydicom")
 CLASSES = ["low", "high"]
 
@@ -123,7 +125,8 @@ def signature():
 
 
 def log_pyfunc(model, config: dict[str, Any], *, card: str | None = None, name: str = "model"):
-    """Log `model` (a ThighResNet) with `config` under the active MLflow run; the ModelInfo."""
+    """Log `model` (a ThighResNet) with `config` (and the Markdown `card`, stored as the model's
+    `artifacts/model_card.md`) under the active MLflow run; the ModelInfo."""
     import mlflow
     import pandas as pd
     import torch
@@ -132,23 +135,30 @@ def log_pyfunc(model, config: dict[str, Any], *, card: str | None = None, name: 
         weights, cfg = Path(tmp) / WEIGHTS_FILE, Path(tmp) / CONFIG_FILE
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
         cfg.write_text(json.dumps(config, indent=1, sort_keys=True))
+        artifacts = {"weights": str(weights), "config": str(cfg)}
+        if card is not None:
+            (Path(tmp) / CARD_FILE).write_text(card)
+            artifacts["card"] = str(Path(tmp) / CARD_FILE)
         example = pd.DataFrame({"path": ["/scans/participant/series-folder"]})  # a refusal: no data
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(PYFUNC_CODE),
-            artifacts={"weights": str(weights), "config": str(cfg)},
+            artifacts=artifacts,
             signature=signature(), input_example=example,
             pip_requirements=pinned_requirements(),
             metadata={k: config[k] for k in ("measure", "cell", "store_hash", "classes", "recipe",
                                               "slices_per_subject", "input_size", "stratum", "majority")},
         )
-        if card is not None:
-            mlflow.log_text(card, f"{name}/model_card.md")
     return info
 
 
 def log_cell_model(ctx, model, train, summary: dict[str, Any]):
-    """finish_cell's model step: config from the store and the cell, then log_pyfunc."""
+    """finish_cell's model step: config from the store and the cell, the card from the cell
+    run's metrics (counts logged at launch, the summary just logged), then log_pyfunc."""
+    from mlflow.tracking import MlflowClient
+
     from data_prep.store import open_store
+    from study.model_card import render_card
 
     config = model_config(ctx, open_store(ctx.store), train, summary)
-    return log_pyfunc(model, config)
+    metrics = {**MlflowClient(ctx.tracking_uri).get_run(ctx.cell_run_id).data.metrics, **summary}
+    return log_pyfunc(model, config, card=render_card(config, metrics))

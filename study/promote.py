@@ -15,7 +15,8 @@ model trained on another store (e.g. the synthetic demo store of the same cohort
 candidate. The validation score the trials were selected on (`best_val_score`: the cell run's,
 else the best of its trial runs', else `best_val_acc` of runs logged before it) is recorded,
 never a test number. The version `thigh-<measure>` gets alias `candidate` and tags naming its
-experiment, launch, cell, store hash, selection metric, who and when.
+experiment, launch, cell, store hash, selection metric, who and when; its description is the
+model card stored with the model (study/model_card.py).
 
 Step 2 moves `champion` to a registered version only if its cell's own comparison with its
 baseline says it beats it: the cell metric `test_vs_baseline_p` when the cell has it, else
@@ -158,9 +159,34 @@ def register_candidate(client, *, experiment: str, measure: str, store_hash: str
             "selection_value": f"{value:.4f}", "reported_partition": run.data.tags.get("reported_partition", "test"),
             "candidate_by": who(), "candidate_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     version = mlflow.register_model(run.data.tags["model_uri"], name, tags=tags)
+    card = model_card(client, run.data.tags["model_uri"])
+    client.update_model_version(name, version.version, description=card or (
+        "No model card: this model was logged before study/packaging.py stored one."))
+    client.update_registered_model(name, description=(
+        f"ResNet18 classifying high vs low {measure} from axial mid-thigh MRI (research only, not a medical "
+        "device). Each version's description is its model card. `candidate`: chosen by study/promote.py on "
+        "validation; `champion`: promoted by a person with a recorded reason, what study/predict.py uses."))
     client.set_registered_model_alias(name, "candidate", version.version)
     return Candidate(name=name, version=str(version.version), cell=tags["cell"], run_id=run.info.run_id,
                      launch_id=launch_run.info.run_id, selected_on=metric, val_score=value)
+
+
+def model_card(client, model_uri: str) -> str | None:
+    """The Markdown card stored with a logged model (study/packaging.py), or None."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from study.packaging import CARD_FILE
+
+    try:
+        location = client.get_logged_model(model_uri.rstrip("/").rsplit("/", 1)[-1]).artifact_location
+        with tempfile.TemporaryDirectory(prefix="thigh-card-") as tmp:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/artifacts/{CARD_FILE}", dst_path=tmp)
+            return Path(path).read_text()
+    except Exception:  # noqa: BLE001 - a model logged before cards, or not a logged model
+        return None
 
 
 def baseline_verdict(metrics: dict[str, float], partition: str, alpha: float) -> tuple[bool, str, str, float]:

@@ -67,7 +67,8 @@ def logged(cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking")
     uri = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("pyfunc-test")
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).create_experiment(
+        "pyfunc-test", artifact_location=str(root / "artifacts")))
     torch.manual_seed(0)
     with mlflow.start_run():
         info = log_pyfunc(build_model(weights="none").eval(), _config())

@@ -96,7 +96,7 @@ def test_stratum_from_labels_and_errors_name_no_path(site, logged, capsys, monke
     from pyfunc_helpers import _config
 
     mlflow.set_tracking_uri(logged["uri"])
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("pyfunc-test").experiment_id):
         info = log_pyfunc(build_model(weights="none").eval(),
                           _config(stratum={"sex": "female", "bmi": None, "bmi_label": "all"}))
     version = mlflow.register_model(info.model_uri, "thigh-female")

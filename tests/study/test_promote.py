@@ -47,21 +47,23 @@ def tracking_uri(tmp_path, monkeypatch):
     import mlflow
 
     from study.model import build_model
+    from study.model_card import render_card
     from study.packaging import log_pyfunc
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("study")
-    with mlflow.start_run(experiment_id=exp):
-        model_uri = log_pyfunc(build_model(weights="none").eval(), _config()).model_uri
+    exp = client.create_experiment("study", artifact_location=str(tmp_path / "artifacts"))
     good = {"best_val_acc": 0.72, "test_acc": 0.70, "test_baseline_acc": 0.55, "test_perm_p": 0.01}
+    with mlflow.start_run(experiment_id=exp):
+        model_uri = log_pyfunc(build_model(weights="none").eval(), _config(),
+                               card=render_card(_config(), good)).model_uri
     # a tiny stratum predicting a constant: higher validation accuracy, no signal on test
     constant = {"best_val_acc": 0.89, "test_acc": 0.5, "test_baseline_acc": 0.6, "test_perm_p": 1.0}
     launch = _launch(client, exp, STORE, {POOLED: good, STRATUM: constant}, model_uri,
                      trials={POOLED: [0.70, 0.74]})
     _launch(client, exp, DEMO, {POOLED: {**good, "best_val_acc": 0.99}}, model_uri)  # newer, other store
-    other = client.create_experiment("another")
+    other = client.create_experiment("another", artifact_location=str(tmp_path / "artifacts"))
     _launch(client, other, STORE, {POOLED: {**good, "best_val_acc": 0.95}}, model_uri)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "dr-tester")
     yield {"uri": uri, "client": client, "launch": launch}
@@ -87,6 +89,9 @@ def test_candidate_is_the_named_cell_of_the_latest_launch_on_the_store(tracking_
     assert mv.tags["candidate_by"] == "dr-tester" and mv.tags["candidate_at"]
     assert "champion" not in client.get_registered_model("thigh-leg_strength").aliases  # a separate step
     assert "--to champion" in text
+    card = client.get_model_version("thigh-leg_strength", mv.version).description  # the model card
+    assert card.startswith("# Model card: thigh-leg_strength") and "Not a medical device" in card
+    assert "| Accuracy | 0.700" in card
 
 
 def test_a_model_from_another_store_is_never_a_candidate(tracking_uri, capsys):
