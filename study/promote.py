@@ -6,6 +6,7 @@ make a version `champion` with who, when and why.
         [--cohort oai | --cell oai__leg_strength__sex-female__bmi-lt25] [--launch RUN_ID]
     # step 2: a person decides; refused if the test result does not beat its baseline
     python study/promote.py --measure leg_strength --to champion 3 --reason "replicates on OAI" [--force]
+    #   (VERSION may be an alias: `--to champion candidate` promotes what candidate points at now)
 
 Step 1 looks in ONE experiment (the grid's name) at ONE launch (the latest one that ran on
 the given store, or --launch), for ONE cell (default: the pooled cell of the cohort, sex and
@@ -209,6 +210,11 @@ def promote_champion(client, *, measure: str, version: str, reason: str, force: 
     name = registered_name(measure)
     if not reason.strip():
         raise PromotionError("--reason is required: say why this version becomes the champion")
+    if not str(version).isdigit():  # an alias, e.g. "candidate": the version it points at now
+        try:
+            version = client.get_model_version_by_alias(name, str(version)).version
+        except Exception as exc:  # noqa: BLE001
+            raise PromotionError(f"{name} has no alias {version!r} ({type(exc).__name__})") from None
     try:
         mv = client.get_model_version(name, str(version))
     except Exception as exc:  # noqa: BLE001 - mlflow raises RestException / MlflowException
@@ -232,6 +238,7 @@ def promote_champion(client, *, measure: str, version: str, reason: str, force: 
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, "champion", str(version))
+    tags["version"] = str(version)
     return tags
 
 
@@ -245,7 +252,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell", help="step 1: a named cell instead of the pooled one, e.g. oai__leg_strength__sex-female__bmi-lt25")
     p.add_argument("--launch", help="step 1: a launch run id (default: the latest launch on the store)")
     p.add_argument("--to", choices=["champion"], help="step 2: promote VERSION to champion")
-    p.add_argument("version", nargs="?", help="step 2: the registered version to promote")
+    p.add_argument("version", nargs="?", help="step 2: the registered version to promote (or an alias: candidate)")
     p.add_argument("--reason", default="", help="step 2: why (recorded as a tag)")
     p.add_argument("--force", action="store_true", help="step 2: promote even if it does not beat its baseline")
     p.add_argument("--alpha", type=float, default=0.05, help="step 2: significance level of the baseline test")
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             tags = promote_champion(client, measure=args.measure, version=args.version, reason=args.reason,
                                     force=args.force, alpha=args.alpha)
             forced = " (forced: it does not beat its baseline)" if tags["promotion_forced"] == "true" else ""
-            print(f"{registered_name(args.measure)} version {args.version} is now champion{forced}; "
+            print(f"{registered_name(args.measure)} version {tags['version']} is now champion{forced}; "
                   f"{tags['baseline_check']}; by {tags['promoted_by']} at {tags['promoted_at']}")
             return 0
         cand = register_candidate(client, experiment=args.experiment, measure=args.measure, store_hash=store_hash,

@@ -119,7 +119,7 @@ def test_champion_needs_a_reason_and_a_test_that_beats_the_baseline(tracking_uri
     assert "champion" not in client.get_registered_model("thigh-leg_strength").aliases
     rc, text = _promote(["--measure", "leg_strength", "--to", "champion", "2"], uri, capsys)
     assert rc == 2 and "--reason is required" in text
-    rc, text = _promote(["--measure", "leg_strength", "--to", "champion", "2", "--reason", "replicates"],
+    rc, text = _promote(["--measure", "leg_strength", "--to", "champion", "candidate", "--reason", "replicates"],
                         uri, capsys)
     assert rc == 0, text
     mv = client.get_model_version_by_alias("thigh-leg_strength", "champion")
