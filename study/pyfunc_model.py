@@ -197,19 +197,20 @@ def read_series(source: Path | list[Path], patterns: list[str]
     description matches but exactly one axial image series is there, that one is used with a
     warning (another site's protocol name for the same series).
     """
-    files = sorted(p for p in source.rglob("*") if p.is_file()) if isinstance(source, Path) else list(source)
-    groups, _unreadable = _series_of(files)
+    paths = sorted(p for p in source.rglob("*") if p.is_file()) if isinstance(source, Path) else list(source)
+    groups, unreadable = _series_of(paths)
     regexes = [re.compile(p, re.IGNORECASE) for p in patterns]
-    axial, candidates, warnings = [], [], []
-    for files in groups.values():
-        first = files[0][1]
+    axial, candidates = [], []
+    warnings = [f"{unreadable} file(s) that are not readable DICOM were skipped"] if unreadable else []
+    for group in groups.values():
+        first = group[0][1]
         image_type = [str(v).upper() for v in (first.get("ImageType") or [])]
         normal = _normal(first)
         if "LOCALIZER" in image_type or normal is None or abs(normal[2]) < AXIAL_MIN_COS:
             continue
-        axial.append(files)
+        axial.append(group)
         if any(r.search(str(first.get("SeriesDescription", ""))) for r in regexes):
-            candidates.append(files)
+            candidates.append(group)
     if not candidates and len(axial) == 1:
         candidates = axial
         warnings.append(f"series description matches none of {patterns}; the only axial series was used")
@@ -239,6 +240,8 @@ def read_series(source: Path | list[Path], patterns: list[str]
     gaps = np.diff(proj[order])
     if len(gaps) and np.any(gaps < 1e-3):
         raise InputRefused("two or more slices share the same position")
+    if len(gaps) and np.any(np.abs(gaps - np.median(gaps)) > 0.05 * np.median(gaps)):  # as volume.py
+        raise InputRefused("uneven slice spacing (a missing slice or mixed stacks)")
     spacing = first.get("PixelSpacing")
     spacing = [float(v) for v in spacing] if spacing and len(spacing) == 2 else [None, None]
     acq = {

@@ -2,8 +2,8 @@
 
 Opens the lab server's UI (PostgreSQL backend, basic auth) as a person would, saves a screenshot
 of every page in ``$THIGHMRI_SCREENSHOTS`` (default ``<repo>/runs/screenshots``) and checks the
-text each page shows, not just that a file was written. Add a page, or text a page must show, in
-:func:`ui_pages` (e.g. the model card, in the model version's description).
+text each page shows, not just that a file was written (the model version page: its model card,
+the version's description). Add a page, or text a page must show, in :func:`ui_pages`.
 
 Uses ``/usr/bin/chromium`` (``apt-get install -y chromium``; ``.ci/run`` installs it); playwright
 never downloads a browser here.
@@ -72,6 +72,15 @@ def _filter_metrics(page) -> None:
     page.get_by_text("test_baseline_acc", exact=True).scroll_into_view_if_needed()
 
 
+def _open_description(page) -> None:
+    """Model version page: open the collapsed Description section that holds the model card."""
+    toggle = page.get_by_text("Description", exact=True).first
+    toggle.scroll_into_view_if_needed()
+    if not page.get_by_text("Intended use").count():
+        toggle.click()
+    page.get_by_text("Intended use").first.wait_for()
+
+
 def _link_to_run(run) -> str:
     return f'a[href*="/runs/{run.info.run_id}"]'
 
@@ -97,13 +106,16 @@ def ui_pages(study: dict) -> dict[str, UiPage]:
             route=f"#/models/{model}",
             ready=["text=Version 1", "text=@ champion"],
             expect=[model, "Version 1", "@ candidate", "@ champion", cell.info.run_name]),
-        # The model card goes here: the version's Description section starts collapsed; give this
-        # page a prepare that clicks it open and add the card's headings to expect.
+        # the model card is the version's description (study/promote.py step 1), collapsed at first
         "model_version": UiPage(
             route=f"#/models/{model}/versions/{study['version'].version}",
             ready=["text=@ champion", _link_to_run(cell)],  # the source run comes in a later request
+            prepare=_open_description,
             expect=[f"Version {study['version'].version}", "@ candidate", "@ champion", "Source Run",
-                    cell.info.run_name, "selected_by"]),
+                    cell.info.run_name, "selected_by", "promotion_reason",
+                    f"Model card: thigh-{STUDY_MEASURE}", "Intended use", "Not a medical device",
+                    "Performance against baselines", "Training-majority baseline", "Body-size baseline accuracy",
+                    "Known limits"]),
     }
 
 

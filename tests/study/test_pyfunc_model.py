@@ -152,3 +152,22 @@ def test_loads_and_predicts_in_a_fresh_venv_without_this_repo(logged, cohort, tm
                          check=True)
     registry = json.loads(run.stdout.strip().splitlines()[-1])[0]
     assert registry["verdict"] == "accept" and registry["p_high"] == pytest.approx(cli["p_high"], abs=1e-6)
+
+
+def test_missing_slice_is_refused_and_stray_files_are_counted(cohort, tmp_path):
+    import shutil
+
+    import study.pyfunc_model as pf
+
+    t1 = _oai_visits(cohort)[0]
+    gap = tmp_path / "gap"
+    shutil.copytree(t1, gap)
+    ordered = sorted(gap.iterdir(), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    ordered[7].unlink()  # a slice in the middle of the stack
+    with pytest.raises(pf.InputRefused, match="uneven slice spacing"):
+        pf.read_series(gap, ["^AX_T1_THIGH$"])
+    stray = tmp_path / "stray"
+    shutil.copytree(t1, stray)
+    (stray / "notes.txt").write_text("not an image")
+    _, _, _, warnings = pf.read_series(stray, ["^AX_T1_THIGH$"])
+    assert warnings == ["1 file(s) that are not readable DICOM were skipped"]
