@@ -67,12 +67,14 @@ def render_card(config: dict[str, Any], metrics: dict[str, float]) -> str:
     stratum = config.get("stratum") or {}
     majority = config.get("majority") or {}
     recipe = config.get("recipe") or {}
+    threshold = config.get("label_threshold")
+    threshold = f"{threshold:.4g}" if isinstance(threshold, (int, float)) else threshold
     test_p = next((k for k in ("test_vs_baseline_p", "test_perm_p") if k in metrics), None)
     lines = [
         f"# Model card: thigh-{config.get('measure')} from cell `{config.get('cell')}`",
         "",
         f"ResNet18 classifying **high vs low {config.get('measure')}** ({config.get('direction', '?')} is better; "
-        f"label threshold {config.get('label_threshold')} by rule `{config.get('label_threshold_rule')}`) "
+        f"label threshold {threshold} by rule `{config.get('label_threshold_rule')}`) "
         "from axial mid-thigh MRI slices; the participant's probability is the mean over slices.",
         "",
         "## Intended use",
