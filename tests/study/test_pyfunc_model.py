@@ -118,14 +118,23 @@ def test_predicts_folder_and_stack_flags_protocol_and_stratum(logged, cohort, tm
     assert sexed.loc[0, "verdict"] == "accept"
 
 
+@pytest.fixture()
+def venv(tmp_path):
+    """A fresh venv's folder, removed afterwards (about 6 GB with torch's CUDA wheels)."""
+    import shutil
+
+    folder = tmp_path / "venv"
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_loads_and_predicts_in_a_fresh_venv_without_this_repo(logged, cohort, tmp_path):
+def test_loads_and_predicts_in_a_fresh_venv_without_this_repo(logged, cohort, tmp_path, venv):
     """python -m venv + pip install -r the logged requirements.txt, then `mlflow models predict`
     and mlflow.pyfunc.load_model("models:/thigh-test@champion") from a folder outside the repo."""
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(logged["model_uri"], dst_path=str(tmp_path / "model")))
-    venv = tmp_path / "venv"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=logged["uri"])
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
