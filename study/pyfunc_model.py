@@ -271,9 +271,11 @@ def check_acquisition(acq: dict[str, Any], training: dict[str, Any]) -> list[str
     """Warnings where a series' acquisition lies outside the training subjects' values.
 
     `training` is the config's "acquisition": {"numeric": {field: {"min", "max"}},
-    "categorical": {field: [values]}}; fields the training store did not record are skipped
-    (and `check_recorded` says so once).
+    "categorical": {field: [values]}}; fields the training store did not record are skipped,
+    and a model with none recorded (an older store) gets one warning saying so.
     """
+    if not training.get("n_recorded", 1):  # a store built before ingest recorded acquisitions
+        return ["the model's training acquisitions were not recorded: protocol not checked"]
     warnings = []
     for field, rng in (training.get("numeric") or {}).items():
         value = acq.get(field)

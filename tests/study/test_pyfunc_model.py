@@ -180,3 +180,6 @@ def test_missing_slice_is_refused_and_stray_files_are_counted(cohort, tmp_path):
     (stray / "notes.txt").write_text("not an image")
     _, _, _, warnings = pf.read_series(stray, ["^AX_T1_THIGH$"])
     assert warnings == ["1 file(s) that are not readable DICOM were skipped"]
+    unrecorded = {"numeric": {}, "categorical": {}, "n_training": 9, "n_recorded": 0}  # an older store
+    assert pf.check_acquisition({}, unrecorded) == [
+        "the model's training acquisitions were not recorded: protocol not checked"]
