@@ -51,8 +51,12 @@ demo-store: demo-data
 
 demo-study: venv
 	$(PY) study/launch.py --grid ablations/demo.yaml --results runs/demo_cells.csv
-	$(PY) study/promote.py --measure leg_strength --experiment demo --cohort oai
-	$(PY) study/predict.py --dicom $(DEMO)/cohort/volunteers/dicom \
+	$(PY) study/promote.py --measure leg_strength --experiment demo --cohort oai --store $(DEMO)/store.zarr
+	$(PY) study/promote.py --measure leg_strength --to champion candidate --reason "make demo" || \
+	    $(PY) study/promote.py --measure leg_strength --to champion candidate --force \
+	        --reason "make demo on synthetic data: shown although its test does not beat its baseline"
+	$(PY) study/predict.py --dicom $(DEMO)/cohort/volunteers/dicom --salt-file $(DEMO)/pseudonym_salt \
+	    --series-description 't1.*tra.*thigh' \
 	    --labels $(DEMO)/cohort/volunteers/tables/volunteers.csv --out runs/volunteer_predictions.csv
 	@echo
 	@$(PY) -m mlflow_server status

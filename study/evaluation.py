@@ -167,22 +167,15 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
 
 
 def log_cell_model(ctx: CellContext, model, chosen: dict[str, Any], summary: dict[str, Any]) -> str:
-    """The selected model on the cell run, with what it needs to label new subjects; its URI."""
+    """The selected model on the cell run: an MLflow pyfunc from code with its preprocessing,
+    training acquisition ranges and card (study/packaging.py); returns its model URI."""
     import mlflow
 
-    from data_prep.store import open_store
+    from study import packaging
 
-    metadata = {"recipe": open_store(ctx.store).recipe.to_dict(),
-                "input_size": list(chosen["train"].input_size or []) or None,
-                "slices_per_subject": chosen["train"].slices_per_subject, "measure": ctx.cell.measure,
-                "direction": ctx.direction, "threshold": ctx.threshold, "threshold_rule": ctx.threshold_rule,
-                "cell": ctx.cell.name, "axes": ctx.cell.axes, "store_hash": ctx.store_hash,
-                "classes": ["low", "high"], "val_acc": summary["best_val_acc"], "test_acc": summary.get("test_acc")}
     mlflow.set_tracking_uri(ctx.tracking_uri)
     with mlflow.start_run(run_id=ctx.cell_run_id):
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        metadata=metadata, pip_requirements=["torch", "torchvision"])
-    return info.model_uri
+        return packaging.log_cell_model(ctx, model, chosen["train"], summary).model_uri
 
 
 def finish_nested_cell(ctx: CellContext, grid: GridConfig, client, searched: list) -> dict[str, Any]:

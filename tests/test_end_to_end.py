@@ -117,23 +117,34 @@ def test_promote_registers_champion_and_predict_reads_volunteers(pipeline, capsy
     from study.promote import main as promote_main
 
     url = pipeline["url"]
-    assert promote_main(["--measure", "leg_strength", "--experiment", "e2e", "--tracking-uri", url]) == 0
+    # step 1: the pooled cell of the launch on this store becomes the candidate, nothing more
+    assert promote_main(["--measure", "leg_strength", "--experiment", "e2e", "--store", str(pipeline["store"]),
+                         "--tracking-uri", url]) == 0
     client = MlflowClient(url)
-    version = client.get_model_version_by_alias("thigh-leg_strength", "champion")
-    assert version.tags["selected_by"] == "best_val_acc"
+    version = client.get_model_version_by_alias("thigh-leg_strength", "candidate")
+    assert version.tags["selected_by"] == "best_val_score" and version.tags["cell"] == "oai__leg_strength__sex-all__bmi-all"
+    assert "champion" not in client.get_registered_model("thigh-leg_strength").aliases
+    # step 2: 44 synthetic subjects rarely beat the baseline on test: forced, and recorded as such
+    assert promote_main(["--measure", "leg_strength", "--to", "champion", str(version.version), "--force",
+                         "--reason", "end-to-end test", "--tracking-uri", url]) == 0
+    champion = client.get_model_version_by_alias("thigh-leg_strength", "champion")
+    assert champion.tags["promotion_reason"] == "end-to-end test" and champion.tags["promoted_by"]
     vol = pipeline["cohort"] / "volunteers"
     out = pipeline["root"] / "pred.csv"
     scratch = pipeline["root"] / "predict_tmp"  # the process temp dir, as predict sees it
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     rc = predict_main(["--dicom", str(vol / "dicom"), "--labels", str(vol / "tables" / "volunteers.csv"),
-                       "--out", str(out), "--tracking-uri", url])
+                       "--out", str(out), "--tracking-uri", url, "--salt-file", str(pipeline["root"] / "salt")])
     assert rc == 0
     left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # torch's cache
     assert not left, f"predict left its model download behind: {left}"
     pred = pd.read_csv(out)
     assert len(pred) == 8 and pred["p_high"].between(0, 1).all()
     assert set(pred["predicted"]) <= {"high", "low"} and pred["exercise"].notna().all()
+    # another site's series name: predicted, with a warning that says so
+    assert (pred["verdict"] == "warn").all() and pred["reasons"].str.contains("series description").all()
+    assert (out.stat().st_mode & 0o777) == 0o600
     assert "agreement with self-reported exercise" in capsys.readouterr().out
 
 

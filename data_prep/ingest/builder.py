@@ -36,6 +36,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from data_prep.cohorts import MEASURES, CohortSpec, load_cohort_table
+from data_prep.dicom.acquisition import ACQUISITION_FIELDS
 from data_prep.dicom.participants import Participant, ParticipantScan, find_participants
 from data_prep.ingest.report import account, warning
 from data_prep.ingest.worker import Job, ParticipantResult, ordered_results, worker_pool
@@ -183,6 +184,11 @@ def _ingest(found: ParticipantScan, table: pd.DataFrame, table_report: dict, *,
         "measures_non_missing": {m: sum(r.get(m) is not None and r.get(m) == r.get(m)
                                         for r in ingested) for m in fields},
         "accounting": accounting, "table_report": table_report,
+        # per ingested subject (pseudonym), the series' protocol values: the training range a
+        # registered model carries (study/packaging.py); not part of the content hash
+        "acquisition": {"fields": list(ACQUISITION_FIELDS), "by_subject": {
+            e["row"]["subject_id"]: [e["acquisition"].get(f) for f in ACQUISITION_FIELDS]
+            for e in writer.entries if e.get("row") and e.get("acquisition")}},
         "warning": warning(accounting, max_rows_without_images, spec.visit_folder),
     }
     provenance = {
@@ -242,6 +248,7 @@ def _entry(res: ParticipantResult, pid: str, spec: CohortSpec, rows: dict[str, d
         entry["row"] = dict(rows[res.key], subject_id=pid, cohort=spec.name,
                             pixel_spacing_row_mm=float(res.spacing[0]),
                             pixel_spacing_col_mm=float(res.spacing[1]))
+        entry["acquisition"] = res.acquisition  # kept in the journal: a resumed build has it
     return entry
 
 

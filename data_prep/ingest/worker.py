@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.dicom.acquisition import read_acquisition
 from data_prep.dicom.participants import Participant
 from data_prep.dicom.series import DicomSeriesError, scan_tree, select_thigh_series
 from data_prep.dicom.volume import load_volume
@@ -55,6 +56,7 @@ class ParticipantResult:
     spacing: tuple[float, float] | None = None  # stored pixel spacing (row, col), mm
     digests: list[str] | None = None  # sha256 per stored slice (hashing off the writer)
     staged: str | None = None  # shard file written by the worker (then images is None)
+    acquisition: dict[str, Any] | None = None  # protocol values (dicom/acquisition.py), no PHI
     # problems: reason (one of store.REASONS), detail, file (index into the participant's
     # files in sorted path order, problem files included, or None for the participant),
     # fatal (participant skipped)
@@ -108,6 +110,7 @@ def process_participant(participant: Participant, patterns: list[str], recipe: R
         volume, geometry = load_volume(series, stored_values=True)
         result.images, result.stats = apply_recipe(volume, recipe, rescale=geometry.rescale)
         result.digests = slice_digests(result.images)
+        result.acquisition = read_acquisition(series, geometry)
         rows, cols = geometry.shape[1:]
         result.spacing = (geometry.pixel_spacing[0] * rows / recipe.size[0],
                           geometry.pixel_spacing[1] * cols / recipe.size[1])

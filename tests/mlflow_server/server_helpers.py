@@ -110,5 +110,9 @@ def run_small_study(root: Path, ray_dir: Path) -> dict:
     results = root / "cells.csv"
     assert launch_main(["--grid", str(grid), "--num-cpus", "2", "--storage-path", str(ray_dir),
                         "--results", str(results)]) == 0
-    assert promote_main(["--measure", STUDY_MEASURE, "--experiment", STUDY_GRID["name"]]) == 0
+    # two recorded steps: the pooled cell's model becomes the candidate (version 1 of a fresh
+    # registry), then the champion; 44 synthetic subjects rarely beat the baseline: --force
+    assert promote_main(["--measure", STUDY_MEASURE, "--experiment", STUDY_GRID["name"], "--store", str(store)]) == 0
+    assert promote_main(["--measure", STUDY_MEASURE, "--to", "champion", "1", "--force",
+                         "--reason", "lab server test"]) == 0
     return {"cohort": cohort, "store": store, "results": results, "root": root}

@@ -101,7 +101,7 @@ def test_launch_promote_predict_on_the_lab_server(lab_study, postgres, capsys):
     out = lab_study["root"] / "predictions.csv"
     with as_lab_user(lab_study["server"].home):
         rc = predict_main(["--dicom", str(vol / "dicom"), "--labels", str(vol / "tables" / "volunteers.csv"),
-                           "--out", str(out)])
+                           "--out", str(out), "--salt-file", str(lab_study["root"] / "salt")])
         assert rc == 0, capsys.readouterr()
         assert os.environ["MLFLOW_TRACKING_USERNAME"] == "admin"  # found in the home, not given
     pred = pd.read_csv(out)

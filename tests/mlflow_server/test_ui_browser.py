@@ -2,8 +2,8 @@
 
 Opens the lab server's UI (PostgreSQL backend, basic auth) as a person would, saves a screenshot
 of every page in ``$THIGHMRI_SCREENSHOTS`` (default ``<repo>/runs/screenshots``) and checks the
-text each page shows, not just that a file was written. Add a page, or text a page must show, in
-:func:`ui_pages` (e.g. the model card, in the model version's description).
+text each page shows, not just that a file was written (the model version page: its model card,
+the version's description). Add a page, or text a page must show, in :func:`ui_pages`.
 
 Uses ``/usr/bin/chromium`` (``apt-get install -y chromium``; ``.ci/run`` installs it); playwright
 never downloads a browser here.
@@ -72,6 +72,22 @@ def _filter_metrics(page) -> None:
     page.get_by_text("test_baseline_acc", exact=True).scroll_into_view_if_needed()
 
 
+def _open_description(page) -> None:
+    """Model version page: show the Description section holding the model card (MLflow opens it
+    when the version has a description; otherwise a click on its title does), scrolled into view."""
+    card = page.get_by_text("Intended use")
+    titles = page.get_by_text("Description")
+    for i in range(min(titles.count(), 5)):
+        if card.count():
+            break
+        titles.nth(i).click()
+        page.wait_for_timeout(500)
+    if card.count():
+        card.first.scroll_into_view_if_needed()
+    elif os.environ.get("THIGHMRI_UI_DEBUG"):  # what the page holds, to adapt this to a new UI
+        Path(os.environ["THIGHMRI_UI_DEBUG"]).write_text(page.content())
+
+
 def _link_to_run(run) -> str:
     return f'a[href*="/runs/{run.info.run_id}"]'
 
@@ -97,13 +113,16 @@ def ui_pages(study: dict) -> dict[str, UiPage]:
             route=f"#/models/{model}",
             ready=["text=Version 1", "text=@ champion"],
             expect=[model, "Version 1", "@ candidate", "@ champion", cell.info.run_name]),
-        # The model card goes here: the version's Description section starts collapsed; give this
-        # page a prepare that clicks it open and add the card's headings to expect.
+        # the model card is the version's description (study/promote.py step 1)
         "model_version": UiPage(
             route=f"#/models/{model}/versions/{study['version'].version}",
             ready=["text=@ champion", _link_to_run(cell)],  # the source run comes in a later request
+            prepare=_open_description,
             expect=[f"Version {study['version'].version}", "@ candidate", "@ champion", "Source Run",
-                    cell.info.run_name, "selected_by"]),
+                    cell.info.run_name, "selected_by", "promotion_reason",
+                    f"Model card: thigh-{STUDY_MEASURE}", "Intended use", "Not a medical device",
+                    "Performance against baselines", "Training-majority baseline", "Body-size baseline accuracy",
+                    "Known limits"]),
     }
 
 
