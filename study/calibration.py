@@ -52,6 +52,7 @@ def _train_and_test(store, store_path: Path, config, plan, threads: int) -> dict
     from study.engine import evaluate, fit
     from study.metrics import summarize
     from study.model import seed_everything
+    from study.selection import epoch_key
     from study.trainable import CellContext, build_trial, make_loaders
 
     ctx = CellContext(cell=plan.cell, store=str(store_path), store_hash=store.content_hash,
@@ -63,7 +64,7 @@ def _train_and_test(store, store_path: Path, config, plan, threads: int) -> dict
     t = config.train
     seed_everything(t.seed)
     model, fit_model, loaders, _ = build_trial(store, ctx, t)
-    fit(fit_model, loaders["train"], loaders["val"], t)
+    fit(fit_model, loaders["train"], loaders["val"], t, select_key=epoch_key(config.select_on))  # as a launched trial
     out = evaluate(model, make_loaders(store, ctx, t, partitions=("test",))["test"])
     summary = summarize(out["subject_labels"], out["subject_probs"], train_labels=plan.labels["train"],
                         seed=t.seed)

@@ -168,14 +168,14 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
 
 def log_cell_model(ctx: CellContext, model, chosen: dict[str, Any], summary: dict[str, Any]) -> str:
     """The selected model on the cell run: an MLflow pyfunc from code with its preprocessing,
-    training acquisition ranges and card (study/packaging.py); returns its model URI."""
+    training acquisition ranges and card (study/model_package.py); returns its model URI."""
     import mlflow
 
-    from study import packaging
+    from study import model_package
 
     mlflow.set_tracking_uri(ctx.tracking_uri)
     with mlflow.start_run(run_id=ctx.cell_run_id):
-        return packaging.log_cell_model(ctx, model, chosen["train"], summary).model_uri
+        return model_package.log_cell_model(ctx, model, chosen["train"], summary).model_uri
 
 
 def finish_nested_cell(ctx: CellContext, grid: GridConfig, client, searched: list) -> dict[str, Any]:

@@ -4,9 +4,9 @@ baselines, how it was chosen, what it is for and what it is not.
     from study.model_card import render_card
     text = render_card(config, metrics)   # Markdown
 
-`config` is the pyfunc's model_config.json (study/packaging.py: recipe, acquisition ranges,
+`config` is the pyfunc's model_config.json (study/model_package.py: recipe, acquisition ranges,
 stratum, majority, store hash); `metrics` are the cell run's metrics (counts n_*, test_*
-with CIs, baseline, body-size baseline, selection score). study/packaging.py stores the card
+with CIs, baseline, body-size baseline, selection score). study/model_package.py stores the card
 with the model (`artifacts/model_card.md`); study/promote.py copies it into the registered
 version's description. Pseudonymous aggregates only: no subject appears in a card.
 """
@@ -51,7 +51,7 @@ def _counts(metrics: dict[str, float]) -> list[str]:
 def _ranges(acq: dict[str, Any]) -> list[str]:
     rows = [f"Acquisition of the {acq.get('n_recorded', 0)} of {acq.get('n_training', 0)} training subjects "
             "recorded at ingest (prediction warns outside these, 5% tolerance):", "",
-            "| Value | Training range |", "|---|---|"]
+            "| Parameter | Training range |", "|---|---|"]
     for field, rng in (acq.get("numeric") or {}).items():
         shown = "not recorded" if not rng else (f"{rng['min']:.4g}" if rng["min"] == rng["max"]
                                                  else f"{rng['min']:.4g} - {rng['max']:.4g}")

@@ -165,7 +165,7 @@ def register_candidate(client, *, experiment: str, measure: str, store_hash: str
     version = mlflow.register_model(run.data.tags["model_uri"], name, tags=tags)
     card = model_card(client, run.data.tags["model_uri"])
     client.update_model_version(name, version.version, description=card or (
-        "No model card: this model was logged before study/packaging.py stored one."))
+        "No model card: this model was logged before study/model_package.py stored one."))
     client.update_registered_model(name, description=(
         f"ResNet18 classifying high vs low {measure} from axial mid-thigh MRI (research only, not a medical "
         "device). Each version's description is its model card. `candidate`: chosen by study/promote.py on "
@@ -176,13 +176,13 @@ def register_candidate(client, *, experiment: str, measure: str, store_hash: str
 
 
 def model_card(client, model_uri: str) -> str | None:
-    """The Markdown card stored with a logged model (study/packaging.py), or None."""
+    """The Markdown card stored with a logged model (study/model_package.py), or None."""
     import tempfile
     from pathlib import Path
 
     import mlflow
 
-    from study.packaging import CARD_FILE
+    from study.model_package import CARD_FILE
 
     try:
         location = client.get_logged_model(model_uri.rstrip("/").rsplit("/", 1)[-1]).artifact_location

@@ -6,7 +6,7 @@
     #   p_high  predicted  verdict  reasons          n_slices
     #   0.71    high       warn     pixel spacing... 15
 
-This file is what MLflow's models-from-code stores beside the weights (study/packaging.py logs
+This file is what MLflow's models-from-code stores beside the weights (study/model_package.py logs
 it): it runs wherever the logged requirements are installed (torch, torchvision, numpy, scipy,
 pydicom, pandas, mlflow), with no import of this repository. So it holds its own copies of
   - the network (study/model.py ThighResNet: resnet18, grey -> 3 ImageNet-normalised channels),
@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from torchvision.models import resnet18
 
 WEIGHTS_ARTIFACT = "weights"  # artifacts key: torch.save(model.state_dict())
-CONFIG_ARTIFACT = "config"  # artifacts key: the JSON made by study/packaging.py
+CONFIG_ARTIFACT = "config"  # artifacts key: the JSON made by study/model_package.py
 UINT16_MAX = 65535
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

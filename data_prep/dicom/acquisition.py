@@ -5,7 +5,7 @@
     acq["acq_repetition_time_ms"], acq["acq_orientation"], ...
 
 Ingest stores these per subject (the `acq_*` columns of the store's subjects table,
-ARCHITECTURE.md "Zarr store"); study/packaging.py turns the training subjects' values into
+ARCHITECTURE.md "Zarr store"); study/model_package.py turns the training subjects' values into
 the ranges a registered model carries, and the model (study/pyfunc_model.py, its own copy of
 this reading) compares a new series with them before predicting. Values come from the first
 file of the series in path order (the protocol is one per series) and from the loaded

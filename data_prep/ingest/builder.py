@@ -185,7 +185,7 @@ def _ingest(found: ParticipantScan, table: pd.DataFrame, table_report: dict, *,
                                         for r in ingested) for m in fields},
         "accounting": accounting, "table_report": table_report,
         # per ingested subject (pseudonym), the series' protocol values: the training range a
-        # registered model carries (study/packaging.py); not part of the content hash
+        # registered model carries (study/model_package.py); not part of the content hash
         "acquisition": {"fields": list(ACQUISITION_FIELDS), "by_subject": {
             e["row"]["subject_id"]: [e["acquisition"].get(f) for f in ACQUISITION_FIELDS]
             for e in writer.entries if e.get("row") and e.get("acquisition")}},

@@ -121,7 +121,7 @@ def ui_pages(study: dict) -> dict[str, UiPage]:
             expect=[f"Version {study['version'].version}", "@ candidate", "@ champion", "Source Run",
                     cell.info.run_name, "selected_by", "promotion_reason",
                     f"Model card: thigh-{STUDY_MEASURE}", "Intended use", "Not a medical device",
-                    "Performance against baselines", "Training-majority baseline", "Body-size baseline accuracy",
+                    "Performance against baselines", "Training-majority baseline", "Body-size baseline (size+age) accuracy",
                     "Known limits"]),
     }
 

@@ -62,7 +62,7 @@ def logged(cohort, tmp_path_factory):
     import mlflow
 
     from study.model import build_model
-    from study.packaging import log_pyfunc
+    from study.model_package import log_pyfunc
 
     root = tmp_path_factory.mktemp("tracking")
     uri = f"sqlite:///{root}/mlflow.db"

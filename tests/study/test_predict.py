@@ -91,7 +91,7 @@ def test_stratum_from_labels_and_errors_name_no_path(site, logged, capsys, monke
     what is wrong without echoing the path."""
     import mlflow
     from study.model import build_model
-    from study.packaging import log_pyfunc
+    from study.model_package import log_pyfunc
 
     from pyfunc_helpers import _config
 

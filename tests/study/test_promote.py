@@ -48,7 +48,7 @@ def tracking_uri(tmp_path, monkeypatch):
 
     from study.model import build_model
     from study.model_card import render_card
-    from study.packaging import log_pyfunc
+    from study.model_package import log_pyfunc
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)

@@ -1,4 +1,4 @@
-"""The registered model as a pyfunc from code (study/pyfunc_model.py, study/packaging.py).
+"""The registered model as a pyfunc from code (study/pyfunc_model.py, study/model_package.py).
 
 Its own copies of the DICOM reading, recipe and input conversion equal data_prep's and
 study's bit for bit; logged and loaded back it predicts a DICOM folder or a preprocessed

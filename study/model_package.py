@@ -1,6 +1,6 @@
 """Log a cell's selected network as a pyfunc that travels: weights, recipe, ranges, card.
 
-    from study.packaging import log_cell_model
+    from study.model_package import log_cell_model
     info = log_cell_model(ctx, model, train, summary)    # inside finish_cell
     info.model_uri                                       # runs:/<cell run>/model
 

@@ -1,5 +1,5 @@
 """Ingest records each subject's acquisition; packaging turns the training subjects' values
-into the ranges, stratum and majority a registered model carries (study/packaging.py)."""
+into the ranges, stratum and majority a registered model carries (study/model_package.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_ingest_records_acquisition_per_pseudonym(store):
 
 def test_model_config_holds_training_ranges_stratum_and_majority(store):
     from data_prep.store import open_store
-    from study.packaging import model_config, pinned_requirements
+    from study.model_package import model_config, pinned_requirements
 
     s = open_store(store)
     rows = np.arange(len(s.subjects))[:4]
