@@ -135,12 +135,23 @@ def overhead(args, root: Path, url: str) -> dict:
     per_trial = (phase * slots - compute) / len(trials)
     mean_compute = compute / len(trials)
     cell_runs = client.search_runs([exp.experiment_id], "tags.run_type = 'cell'", max_results=1000)
+    in_trial = sum(t.data.metrics["time_trial_s"] for t in trials)
+    by_cell: dict[str, list] = {}
+    for t in trials:
+        by_cell.setdefault(t.data.tags["mlflow.parentRunId"], []).append(t)
+    cell_start = {c.info.run_id: c.info.start_time for c in cell_runs}
+    # a cell's first trial run created after its cell run: worker start, imports, Tune's first scheduling
+    first_gap = [(min(t.info.start_time for t in ts) - cell_start[c]) / 1000 for c, ts in by_cell.items()]
     return {"mode": "overhead", "subjects": args.subjects, "cells": len(cell_runs), "trials": len(trials),
             "epochs": args.epochs, "trainer": "torch (engine.fit)" if args.torch_head else "compiled head",
             "cpus": args.cpus, "launch_wall_s": round(wall, 1), "trial_phase_wall_s": round(phase, 1),
             "compute_per_trial_s": round(mean_compute, 2),
             "setup_per_trial_s": round(sum(t.data.metrics["time_setup_s"] for t in trials) / len(trials), 2),
             "overhead_per_trial_s": round(per_trial, 2),
+            # inside run_trial beyond its compute (setup, MLflow, checkpoint) vs outside it (Tune, workers)
+            "in_trial_overhead_per_trial_s": round((in_trial - compute) / len(trials), 2),
+            "outside_trial_per_trial_s": round((phase * slots - in_trial) / len(trials), 2),
+            "cell_to_first_trial_s": round(sum(first_gap) / len(first_gap), 1),
             "overhead_fraction": round(per_trial / (per_trial + mean_compute), 3),
             "busy_fraction": round(sampler.busy_fraction(), 3)}
 

@@ -49,6 +49,7 @@ import torch
 import zarr
 from torch import nn
 
+from study import feature_memo
 from study.data import central_slices, to_model_input
 
 # Bump when frozen_forward or the stored layout changes: old entries then stop matching.
@@ -278,7 +279,9 @@ def cached_features(
 
     Returns:
         (float32 features aligned with slice_idx, stats) with stats = {"entry": path,
-        "computed": slices computed now, "cached": slices that were already on disk}.
+        "computed": slices computed now, "cached": slices that were already on disk, and
+        "memo": True when this process held the rows from an earlier call (not read again)}.
+        The tensor may be shared with other callers in this process: read it, never write it.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = feature_key(model, store, input_size)
@@ -292,11 +295,16 @@ def cached_features(
         raise IndexError(f"slice indices must be in 0..{n_store - 1}, got {wanted[0]}..{wanted[-1]}")
     stats: dict[str, Any] = {"entry": str(path), "computed": 0, "cached": int(wanted.size)}
 
+    memo_key = feature_memo.rows_key(str(path), slice_idx)
     with _locked(lock, exclusive=False):
         group = _open_valid(path, key, "r")
         if group is not None and group["written"][:][wanted].all():
-            feats = group["features"].get_orthogonal_selection((wanted,))
-            return _align(feats, wanted, slice_idx), stats
+            held = feature_memo.get(memo_key)  # this process read these rows before (study/feature_memo.py)
+            if held is not None:
+                return held, {**stats, "memo": True}
+            feats = _align(group["features"].get_orthogonal_selection((wanted,)), wanted, slice_idx)
+            feature_memo.put(memo_key, feats)
+            return feats, stats
 
     with _locked(lock, exclusive=True):
         group = _open_valid(path, key, "r+")
@@ -318,8 +326,9 @@ def cached_features(
             written[part] = True
             group["written"][:] = written  # after the features: a crash leaves them unmarked
         stats.update(computed=int(missing.size), cached=int(wanted.size - missing.size))
-        feats = group["features"].get_orthogonal_selection((wanted,))
-    return _align(feats, wanted, slice_idx), stats
+        feats = _align(group["features"].get_orthogonal_selection((wanted,)), wanted, slice_idx)
+    feature_memo.put(memo_key, feats)
+    return feats, stats
 
 
 def prefill(model: nn.Module, store: Any, feats: np.ndarray, *, input_size: tuple[int, int] | None = None,

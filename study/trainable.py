@@ -27,9 +27,11 @@ from study import tracking
 from study.config import Cell, TrainConfig
 from study.head_fit import fit_head_like_engine, head_trainer_reason
 from study.selection import epoch_key, from_engine, reportable, selection_value
+from study.trial_log import LOG_EVERY_S, EpochLog, cache_progress, log_batch, params_of, trial_run
+from study.trial_log import node_id as _node_id  # noqa: F401 (study/search.py's name for it)
 
+__all__ = ["LOG_EVERY_S", "CellContext", "build_trial", "run_trial"]
 CHECKPOINT_FILE = "model_state.pt"
-LOG_EVERY_S = 5.0  # a trial's epoch metrics reach MLflow at least this often (and at every checkpoint)
 
 
 @dataclass
@@ -107,9 +109,8 @@ def build_trial(store, ctx: CellContext, train: TrainConfig, *, device: str = "c
     import warnings
 
     from study import features
-    from study.model import build_model
 
-    model = build_model(weights=train.weights, freeze=train.freeze).to(device)
+    model = _initial_model(train).to(device)
     reason = features.ineligible_reason(train, store)
     if reason is None:
         try:
@@ -121,6 +122,36 @@ def build_trial(store, ctx: CellContext, train: TrainConfig, *, device: str = "c
             reason = f"cache unavailable ({type(err).__name__}: {err})"
             warnings.warn(f"feature cache not used: {reason}")
     return model, model, make_loaders(store, ctx, train), {"feature_cache": f"off: {reason}"}
+
+
+_INITIAL: dict[tuple, tuple] = {}  # (weights, freeze, torch RNG state digest) -> (model, RNG state after)
+
+
+def _initial_model(train: TrainConfig):
+    """build_model(train.weights, train.freeze) from torch's RNG as it is now, without building it
+    again when this process built it from the same RNG state before (a worker's next trial of
+    the same seed): a copy of that model, and torch's RNG left as the build left it.
+
+    Building and initialising a ResNet18 costs 0.13-0.17 s; the copy ~0.02 s. build_model draws
+    only from torch's RNG, so its state before the call decides the weights.
+    """
+    import copy
+    import hashlib
+
+    import torch
+
+    from study.model import build_model
+
+    rng = torch.get_rng_state()
+    key = (train.weights, train.freeze, hashlib.blake2b(rng.numpy().tobytes(), digest_size=16).hexdigest())
+    if key in _INITIAL:
+        model, after = _INITIAL[key]
+        torch.set_rng_state(after)
+        return copy.deepcopy(model)
+    model = build_model(weights=train.weights, freeze=train.freeze)
+    _INITIAL.clear()  # one kept: a worker's trials share a seed far more often than not
+    _INITIAL[key] = (copy.deepcopy(model), torch.get_rng_state())
+    return model
 
 
 def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
@@ -145,20 +176,25 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
     device = _device(ctx)
     saved = load_checkpoint(tune.get_checkpoint())
     client = MlflowClient(ctx.tracking_uri)
-    run_id, logged = _trial_run(client, ctx, train, saved)
+    run_id, logged, new_run = trial_run(client, ctx, train, saved)
+    params = params_of(ctx, train) if new_run else None
     status, stopped = "FAILED", [False]
     try:
         store = open_store(ctx.store)
         if ctx.protocol == "nested_cv":
+            log_batch(client, run_id, params=params)
             run_cv_trial(store, ctx, train, client=client, run_id=run_id, device=device)
             status = "FINISHED"
             return
+        built = time.perf_counter()
         model, fit_model, loaders, how = build_trial(store, ctx, train, device=device,
-                                                     on_progress=_cache_progress(ctx, store))
+                                                     on_progress=cache_progress(ctx, store))
+        built = time.perf_counter() - built
         why_torch = head_trainer_reason(train, how, fit_model, saved=saved, device=device)
-        tracking.set_tags(client, run_id, {"feature_cache": how["feature_cache"][:250],
-                                           "trainer": "compiled head (study/head_trainer.py)" if why_torch is None
-                                           else f"torch (engine.fit): {why_torch}"[:250]})
+        log_batch(client, run_id, params=params, tags={
+            "feature_cache": how["feature_cache"][:250],
+            "trainer": "compiled head (study/head_trainer.py)" if why_torch is None
+            else f"torch (engine.fit): {why_torch}"[:250]})
         state = None
         if saved is not None:
             _check_prefix(saved, model, how)
@@ -180,31 +216,31 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
                     flush()
                 raise
 
-        pending: dict[int, dict[str, float]] = {}  # epochs not yet sent to MLflow
-        last_flush = [time.monotonic()]
-
-        def flush() -> None:  # one request for several epochs: a compiled trial's 50 take ~1 s
-            if pending:
-                tracking.log_metric_steps(client, run_id, pending)
-                pending.clear()
-            last_flush[0] = time.monotonic()
+        epochs = EpochLog(client, run_id, logged)  # epochs not yet sent to MLflow
+        flush = epochs.flush
 
         def on_epoch(epoch: int, metrics: dict[str, float], st: FitState) -> None:
             report = epoch_report(metrics, st)
-            if epoch not in logged:
-                pending[epoch] = {k: v for k, v in report.items() if k != "epoch"}
+            epochs.add(epoch, report)
             last = epoch == train.epochs
             due = last or (why_torch is not None and time.monotonic() - last_checkpoint[0] >= ctx.checkpoint_interval_s)
-            if due or time.monotonic() - last_flush[0] >= LOG_EVERY_S:
+            if (due and not last) or epochs.due():
                 flush()  # before the checkpoint: a restart from it finds every epoch up to it logged
             reported[0] += 1
             if why_torch is None and not ctx.report_each_epoch and not last:
                 return
             if due:
+                if last:  # the last epochs and the trial's timings in one request, before its checkpoint
+                    flush(timings(compute_s=sum(h.get("time_s", 0.0) for h in st.history[len(st.history) - reported[0]:])))
                 to_tune(report, _checkpoint(train, run_id, fit_model, model, how, st))
                 last_checkpoint[0] = time.monotonic()
             else:
                 to_tune(report)
+
+        def timings(compute_s: float) -> dict[str, float]:  # where the trial's time went (benchmarks/launch_overhead.py)
+            return {"time_setup_s": setup_s, "time_build_s": built, "time_compute_s": compute_s,
+                    "time_worker_age_s": entered - _process_started(),
+                    "time_trial_s": time.perf_counter() - entered}
 
         if why_torch is None:
             result = fit_head_like_engine(fit_model, loaders, train, select_key=epoch_key(ctx.select_on),
@@ -212,13 +248,11 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
         else:
             result = fit(fit_model, loaders["train"], loaders["val"], train, device=device,
                          on_epoch=on_epoch, state=state, select_key=epoch_key(ctx.select_on))
-        flush()
         if not reported[0]:  # restored after its last epoch: nothing left to train, say so once
             to_tune(epoch_report(result["history"][-1], result["state"]))
-        ran = result["history"][len(result["history"]) - reported[0]:]  # this attempt's epochs
-        tracking.log_metrics(client, run_id, {  # where the trial's time went (benchmarks/launch_overhead.py)
-            "time_setup_s": setup_s, "time_compute_s": sum(h.get("time_s", 0.0) for h in ran),
-            "time_trial_s": time.perf_counter() - entered})
+        if result["state"].epoch != train.epochs or not reported[0]:  # else sent with the last epoch
+            ran = result["history"][len(result["history"]) - reported[0]:]  # this attempt's epochs
+            flush(timings(compute_s=sum(h.get("time_s", 0.0) for h in ran)))
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, "KILLED" if stopped[0] else status)
@@ -236,62 +270,17 @@ def epoch_report(metrics: dict[str, float], st) -> dict[str, float]:
             "best_val_score": reportable(float(st.best_key[0])), "epoch": int(metrics["epoch"])}
 
 
-def _trial_run(client, ctx: CellContext, train: TrainConfig, saved: dict | None) -> tuple[str, set[int]]:
-    """The trial's MLflow run: the checkpoint's, else one tagged with this Tune trial id
-    (a restart before any checkpoint), else a new one. Returns (run id, steps already logged)."""
+def _process_started() -> float:
+    """When this worker process started, on time.perf_counter's clock (its first trial's
+    time_worker_age_s is then the worker's start-up: process, imports)."""
     import os
 
-    from ray import tune
-
-    tctx = tune.get_context()
-    trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
-    run_id = (saved or {}).get("mlflow_run_id")
-    if run_id is None:
-        found = tracking.children(client, ctx.experiment_id, ctx.cell_run_id, f"tags.tune_trial_id = '{trial_id}'")
-        run_id = found[0].info.run_id if found else None
-    tags = {"worker_pid": str(os.getpid()), "node_id": _node_id()}
-    if run_id is None:
-        fold = {} if ctx.outer_fold is None else {"outer_fold": str(ctx.outer_fold)}
-        name = ctx.cell.name + ("" if ctx.outer_fold is None else f"/outer{ctx.outer_fold}")
-        run_id = tracking.create_run(client, ctx.experiment_id, name=f"{name}/{trial_name}",
-                                     run_type="trial", parent_run_id=ctx.cell_run_id,
-                                     tags={"cell": ctx.cell.name, "trial": trial_name,
-                                           "tune_trial_id": trial_id, "attempt": "1", **fold, **tags})
-        tracking.log_params(client, run_id, {**dataclasses.asdict(train),
-                                             **{f"axis.{k}": v for k, v in ctx.cell.axes.items()},
-                                             "store_hash": ctx.store_hash})
-        return run_id, set()
-    run = client.get_run(run_id)
-    tracking.reopen(client, run_id)
-    attempt = int(run.data.tags.get("attempt", "1")) + 1
-    tracking.set_tags(client, run_id, {**tags, "resumed_from_epoch": str((saved or {}).get("epoch", 0)),
-                                       "attempt": str(attempt)})
-    return run_id, {m.step for m in client.get_metric_history(run_id, "val_acc")}
-
-
-def _node_id() -> str:
     try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return "unknown"
-
-
-def _cache_progress(ctx: CellContext, store):
-    """Posts the feature-cache pass's progress to the launch's display."""
-    from study import progress
-
-    node = _node_id()
-    started = time.monotonic()
-
-    def report(done: int, total: int, *, entry: str, block: str) -> None:
-        elapsed = time.monotonic() - started
-        progress.post(ctx.progress_hub, {"kind": "cache", "cell": ctx.cell.name, "entry": entry, "block": block,
-                                         "node": node, "done": done, "total": total,
-                                         "rate": done / elapsed if elapsed > 0 and done else None})
-
-    return report
+        ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.perf_counter() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return math.nan
 
 
 # ---------------------------------------------------------------- checkpoints

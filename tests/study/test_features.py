@@ -231,3 +231,64 @@ def test_prune_removes_least_recently_used(tmp_path):
     removed = features.prune(tmp_path, max_bytes=1)
     assert [str(p) for p in removed] == entries  # oldest first, all over the limit
     assert features.prune(tmp_path, max_bytes=0) == []
+
+
+def test_a_process_rereading_the_same_rows_gets_them_from_memory(tmp_path, monkeypatch):
+    """A worker's next trial of the cell: the entry is checked on disk, the rows not read again."""
+    from study import feature_memo
+
+    feature_memo.clear()
+    store = make_store()
+    seed_everything(0)
+    model = build_model(weights="none", freeze="fc")
+    idx = np.arange(3, 15)[::-1]
+    first, stats1 = features.cached_features(model, store, idx, cache_dir=tmp_path)
+    first_again, stats_hit = features.cached_features(model, store, idx, cache_dir=tmp_path)
+    assert "memo" not in stats1 and stats_hit["memo"] is True and stats_hit["computed"] == 0
+    assert torch.equal(first_again, first)
+    other, stats_other = features.cached_features(model, store, idx[::-1], cache_dir=tmp_path)  # other order: read
+    assert "memo" not in stats_other and torch.equal(other, first.flip(0))
+    reads, real = [], zarr.Array.get_orthogonal_selection
+
+    def counting(self, *a, **k):
+        reads.append(self.path)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(zarr.Array, "get_orthogonal_selection", counting)
+    features.cached_features(model, store, idx, cache_dir=tmp_path)
+    assert "features" not in reads and "written" in reads  # the entry is checked, its rows not read
+    monkeypatch.undo()
+    # a torn entry on disk is noticed although the rows are held: they are computed again
+    group = zarr.open_group(stats1["entry"], mode="r+")
+    written = group["written"][:]
+    written[5:7] = False
+    group["written"][:] = written
+    again, stats = features.cached_features(model, store, idx, cache_dir=tmp_path)
+    assert stats["computed"] == 2 and "memo" not in stats and torch.equal(again, first)
+
+
+def test_a_worker_builds_the_initial_model_once_per_seed():
+    """_initial_model: the same weights and torch RNG state after it as build_model itself."""
+    from study import trainable
+
+    train = TrainConfig(freeze="fc", weights="none")
+    trainable._INITIAL.clear()
+    states = []
+    for _ in range(2):  # the second call copies the model the first one built
+        seed_everything(3)
+        model = trainable._initial_model(train)
+        states.append(({k: v.clone() for k, v in model.state_dict().items()}, torch.rand(4)))
+    seed_everything(3)
+    fresh = build_model(weights="none", freeze="fc")
+    after = torch.rand(4)
+    for got, rng_after in states:
+        assert got.keys() == fresh.state_dict().keys()
+        assert all(torch.equal(got[k], v) for k, v in fresh.state_dict().items())
+        assert torch.equal(rng_after, after)
+    seed_everything(4)  # another seed: built anew, other weights
+    other = trainable._initial_model(train)
+    assert not torch.equal(other.backbone.fc.weight, fresh.backbone.fc.weight)
+    with torch.no_grad():  # what a trial does to its model never reaches the next trial's
+        other.backbone.fc.weight.add_(1.0)
+    seed_everything(4)
+    assert not torch.equal(trainable._initial_model(train).backbone.fc.weight, other.backbone.fc.weight)
