@@ -152,8 +152,27 @@ def overhead(args, root: Path, url: str) -> dict:
             "in_trial_overhead_per_trial_s": round((in_trial - compute) / len(trials), 2),
             "outside_trial_per_trial_s": round((phase * slots - in_trial) / len(trials), 2),
             "cell_to_first_trial_s": round(sum(first_gap) / len(first_gap), 1),
+            "build_per_trial_s": mean_metric(trials, "time_build_s"),
+            # a worker's age at its first trial: process start, imports (one worker per cell and slot)
+            "worker_start_s": mean_metric(first_of_workers(trials), "time_worker_age_s"),
+            "workers": len(first_of_workers(trials)),
+            **{f"cell_{k}": mean_metric(cell_runs, k) for k in ("time_test_eval_s", "time_size_saliency_s",
+                                                                "time_log_model_s")},
             "overhead_fraction": round(per_trial / (per_trial + mean_compute), 3),
             "busy_fraction": round(sampler.busy_fraction(), 3)}
+
+
+def mean_metric(runs, key: str) -> float | None:
+    values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def first_of_workers(trials) -> list:
+    """Each worker process's first trial (workers by node and pid)."""
+    first: dict[tuple, object] = {}
+    for t in sorted(trials, key=lambda t: t.info.start_time):
+        first.setdefault((t.data.tags.get("node_id"), t.data.tags.get("worker_pid")), t)
+    return list(first.values())
 
 
 def busy(args, root: Path, url: str) -> dict:

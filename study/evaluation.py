@@ -21,7 +21,8 @@ import numpy as np
 
 from study import tracking
 from study.config import GridConfig
-from study.trainable import CellContext, load_checkpoint, make_loaders, model_from_checkpoint, resolve_train_config
+from study.trainable import (CellContext, eval_inputs, load_checkpoint, model_from_checkpoint,
+                             resolve_train_config)
 
 PREDICTIONS_FILE = "test_predictions.json"  # store rows, labels, probabilities of the reported subjects
 SEARCHED_KEYS = ("lr", "freeze", "optimizer", "momentum", "weight_decay", "batch_size", "epochs")
@@ -53,8 +54,8 @@ def evaluate_selected(ctx: CellContext, result) -> tuple[Any, dict[str, float], 
     train = resolve_train_config(ctx.train, {k: v for k, v in saved["train"].items() if k in SEARCHED_KEYS})
     model = model_from_checkpoint(saved, train)
     store = open_store(ctx.store)
-    loaders = make_loaders(store, ctx, train, partitions=("test",))
-    out = evaluate(model, loaders["test"])
+    module, loader, _ = eval_inputs(store, ctx, train, model, cached=saved.get("module") == "head")
+    out = evaluate(module, loader)  # a head on cached features: the numbers its validation ran on
     summary = summarize(out["subject_labels"], out["subject_probs"], train_labels=ctx.labels["train"],
                         seed=ctx.train.seed)
     test = {f"test_{k}": v for k, v in summary.items()}

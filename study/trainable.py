@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,11 +25,13 @@ from study import tracking
 from study.config import Cell, TrainConfig
 from study.head_fit import fit_head_like_engine, head_trainer_reason
 from study.selection import epoch_key, from_engine, reportable, selection_value
+from study.trial_checkpoint import (CHECKPOINT_FILE, _check_prefix, _checkpoint, _report_with_checkpoint,
+                                    load_checkpoint, model_from_checkpoint)
 from study.trial_log import LOG_EVERY_S, EpochLog, cache_progress, log_batch, params_of, trial_run
 from study.trial_log import node_id as _node_id  # noqa: F401 (study/search.py's name for it)
 
-__all__ = ["LOG_EVERY_S", "CellContext", "build_trial", "run_trial"]
-CHECKPOINT_FILE = "model_state.pt"
+__all__ = ["CHECKPOINT_FILE", "LOG_EVERY_S", "CellContext", "build_trial", "eval_inputs", "load_checkpoint",
+           "model_from_checkpoint", "run_trial"]
 
 
 @dataclass
@@ -122,6 +122,31 @@ def build_trial(store, ctx: CellContext, train: TrainConfig, *, device: str = "c
             reason = f"cache unavailable ({type(err).__name__}: {err})"
             warnings.warn(f"feature cache not used: {reason}")
     return model, model, make_loaders(store, ctx, train), {"feature_cache": f"off: {reason}"}
+
+
+def eval_inputs(store, ctx: CellContext, train: TrainConfig, model, *, cached: bool, partition: str = "test"):
+    """The module and loader that evaluate a trial's model on `partition` (the cell's test).
+
+    cached: the trial trained the head on cached features (its checkpoint's module "head").
+    Then the head runs on the node's cached frozen-prefix outputs of the partition's slices,
+    the numbers its validation ran on, instead of the whole network on the images: the same
+    predictions (tests/study/test_features.py) for ~0.1 s instead of a forward pass of every
+    test slice (the largest part of an fc-only cell's closing work, benchmarks/README.md).
+
+    Returns:
+        (module to evaluate, DataLoader of the partition, how: "cached features" or why not).
+    """
+    from study import features
+
+    reason = "the trial trained the whole network" if not cached else features.ineligible_reason(train, store)
+    if reason is None:
+        try:
+            loaders, head, _ = features.feature_loaders(store, ctx.split, ctx.labels, train, model,
+                                                        partitions=(partition,))
+            return head, loaders[partition], "cached features"
+        except OSError as err:  # as in build_trial: an unusable cache costs time, not the result
+            reason = f"cache unavailable ({type(err).__name__}: {err})"
+    return model, make_loaders(store, ctx, train, partitions=(partition,))[partition], f"images: {reason}"
 
 
 _INITIAL: dict[tuple, tuple] = {}  # (weights, freeze, torch RNG state digest) -> (model, RNG state after)
@@ -281,65 +306,6 @@ def _process_started() -> float:
         return time.perf_counter() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return math.nan
-
-
-# ---------------------------------------------------------------- checkpoints
-def _checkpoint(train: TrainConfig, run_id: str, fit_model, model, how: dict, st) -> dict:
-    """What a trial checkpoint holds: the trained module (only the head when the frozen
-    prefix came from the feature cache: the prefix is rebuilt from the seed and checked by
-    its digest), fit's state (optimizer, shuffling, best epoch and its weights) and the run."""
-    from study import features
-
-    cached = how.get("feature_cache") == "used"
-    return {"format": 2, "train": dataclasses.asdict(train), "mlflow_run_id": run_id, "epoch": st.epoch,
-            "module": "head" if cached else "model", "module_state": fit_model.state_dict(),
-            "prefix_digest": features.weights_digest(model) if cached else None, "fit": st.to_dict()}
-
-
-def _report_with_checkpoint(report: dict, payload: dict) -> None:
-    import torch
-    from ray import tune
-
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(payload, Path(tmp) / CHECKPOINT_FILE)
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-
-def load_checkpoint(checkpoint) -> dict | None:
-    """A trial checkpoint's payload (tensors and plain values only: loaded weights_only)."""
-    import torch
-
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as ckpt_dir:
-        return torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
-
-def _check_prefix(saved: dict, model, how: dict) -> None:
-    from study import features
-
-    if saved.get("module") == "head":
-        if how.get("feature_cache") != "used":
-            raise RuntimeError(f"the checkpoint trained a head on cached features, but now: {how['feature_cache']}")
-        if saved.get("prefix_digest") != features.weights_digest(model):
-            raise RuntimeError("the rebuilt frozen prefix differs from the checkpoint's (weights or seed changed)")
-
-
-def model_from_checkpoint(saved: dict, train: TrainConfig, *, state: str = "best"):
-    """The full ThighResNet at the checkpoint's best epoch (state="best") or last epoch."""
-    from study import features
-    from study.model import build_model, seed_everything
-
-    weights = saved["fit"]["best_state"] if state == "best" else saved["module_state"]
-    seed_everything(train.seed)  # the frozen prefix of a head checkpoint comes from the seed
-    model = build_model(weights=train.weights if saved.get("module") == "head" else "none", freeze=train.freeze)
-    if saved.get("module") == "head":
-        if saved.get("prefix_digest") != features.weights_digest(model):
-            raise RuntimeError("the rebuilt frozen prefix differs from the trial's (weights file or seed changed)")
-        features.FeatureHead(model).load_state_dict(weights)
-    else:
-        model.load_state_dict(weights)
-    return model
 
 
 def run_cv_trial(store, ctx: CellContext, train: TrainConfig, *, client, run_id: str, device: str) -> None:

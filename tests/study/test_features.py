@@ -292,3 +292,26 @@ def test_a_worker_builds_the_initial_model_once_per_seed():
         other.backbone.fc.weight.add_(1.0)
     seed_everything(4)
     assert not torch.equal(trainable._initial_model(train).backbone.fc.weight, other.backbone.fc.weight)
+
+
+def test_the_test_subjects_are_evaluated_on_the_cached_features_the_trial_used(tmp_path, monkeypatch):
+    """eval_inputs: a head checkpoint is scored on cached features, as the images would score it."""
+    from study.engine import evaluate
+    from study.trainable import eval_inputs
+
+    monkeypatch.setenv(features.CACHE_ENV, str(tmp_path))
+    store = make_store()
+    train = TrainConfig(freeze="fc", weights="none", epochs=1, batch_size=4)
+    ctx = make_ctx(store, train)
+    seed_everything(0)
+    model = build_model(weights="none", freeze="fc")
+    with torch.no_grad():
+        model.backbone.fc.weight.add_(torch.randn_like(model.backbone.fc.weight) * 0.1)
+    module, loader, how = eval_inputs(store, ctx, train, model, cached=True)
+    assert how == "cached features" and isinstance(module, features.FeatureHead)
+    module_i, loader_i, images_how = eval_inputs(store, ctx, train, model, cached=False)
+    assert module_i is model and images_how.startswith("images")
+    a, b = evaluate(module, loader), evaluate(module_i, loader_i)
+    assert np.array_equal(a["subject_rows"], b["subject_rows"]) and np.array_equal(a["subject_rows"], ctx.split["test"])
+    assert np.abs(a["subject_probs"] - b["subject_probs"]).max() <= 1e-5
+    assert a["slice_acc"] == b["slice_acc"]
