@@ -88,7 +88,8 @@ def build(root: Path, *, subjects: int = 3515, seed: int = 0, cache_dir: Path | 
 
     root.mkdir(parents=True, exist_ok=True)
     store_path, marker = root / "store.zarr", root / "build.json"
-    wanted = {"subjects": subjects, "slices": subjects * SLICES, "seed": seed, "size": list(SIZE)}
+    wanted = {"subjects": subjects, "slices": subjects * SLICES, "seed": seed, "size": list(SIZE),
+              "feature_code": features.FEATURE_CODE_VERSION}  # a new key layout: prefill the new entry
     if marker.exists():
         info = json.loads(marker.read_text())
         if {k: info.get(k) for k in wanted} == wanted and Path(info["entry"]).exists():

@@ -53,7 +53,7 @@ from study import feature_memo
 from study.data import central_slices, to_model_input
 
 # Bump when frozen_forward or the stored layout changes: old entries then stop matching.
-FEATURE_CODE_VERSION = 1
+FEATURE_CODE_VERSION = 2  # 2: keys name the device type and float32 precision
 CACHE_ENV = "THIGHMRI_FEATURE_CACHE"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "runs" / "feature_cache"
 
@@ -182,6 +182,8 @@ class FeatureKey:
     weights_digest: str
     block: str
     input_size: tuple[int, int]
+    device: str = "cpu"  # device type the prefix ran on: kernels differ in rounding across devices
+    precision: str = "fp32"  # study.model.fp32_precision: "tf32" when CUDA may round to TF32
     code_version: int = FEATURE_CODE_VERSION
 
     def as_dict(self) -> dict[str, Any]:
@@ -193,11 +195,16 @@ class FeatureKey:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:32]
 
 
-def feature_key(model: nn.Module, store: Any, input_size: tuple[int, int] | None) -> FeatureKey:
-    """The cache key of ``model``'s frozen prefix on ``store`` at ``input_size``."""
+def feature_key(model: nn.Module, store: Any, input_size: tuple[int, int] | None,
+                device: str | torch.device = "cpu") -> FeatureKey:
+    """The cache key of ``model``'s frozen prefix on ``store`` at ``input_size``, run on ``device``
+    with the float32 precision now in force there."""
+    from study.model import fp32_precision
+
     size = tuple(int(v) for v in (input_size or store.images.shape[1:]))
     return FeatureKey(store_hash=str(store.content_hash), weights_digest=weights_digest(model),
-                      block=BLOCK_BY_FREEZE[model.freeze], input_size=size)
+                      block=BLOCK_BY_FREEZE[model.freeze], input_size=size, device=torch.device(device).type,
+                      precision=fp32_precision(device))
 
 
 # ---------------------------------------------------------------- the cache
@@ -273,7 +280,8 @@ def cached_features(
         slice_idx: store slice indices (any order; duplicates allowed).
         input_size: the trial's input_size (None = as stored).
         cache_dir: cache root (default: default_cache_dir()).
-        device: where the prefix runs; features come back on the CPU.
+        device: where the prefix runs (its type and float32 precision are part of the key);
+            features come back on the CPU.
         on_progress: called as on_progress(done, total, entry=..., block=...) while slices
             are computed (about every COMPUTE_BATCH slices; not called on a cache hit).
 
@@ -284,7 +292,7 @@ def cached_features(
         The tensor may be shared with other callers in this process: read it, never write it.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = feature_key(model, store, input_size)
+    key = feature_key(model, store, input_size, device)
     path, lock = root / f"{key.digest()}.zarr", root / f"{key.digest()}.lock"
     slice_idx = np.asarray(slice_idx, dtype=np.int64)
     wanted = np.unique(slice_idx)
@@ -332,7 +340,7 @@ def cached_features(
 
 
 def prefill(model: nn.Module, store: Any, feats: np.ndarray, *, input_size: tuple[int, int] | None = None,
-            cache_dir: str | os.PathLike | None = None) -> Path:
+            cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Path:
     """Write ``feats`` as the complete cache entry of ``model``'s frozen prefix on ``store``.
 
     For benchmarks that need a warm cache at a size whose feature pass would take hours
@@ -340,14 +348,14 @@ def prefill(model: nn.Module, store: Any, feats: np.ndarray, *, input_size: tupl
     computed, and every later trial with this key reads them. Replaces an entry of the key.
 
     Args:
-        model, store, input_size, cache_dir: as cached_features.
+        model, store, input_size, cache_dir, device: as cached_features (device: the key's).
         feats: float32 (n_store_slices, *feature_shape), one row per store slice.
 
     Returns:
         The entry's path.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = feature_key(model, store, input_size)
+    key = feature_key(model, store, input_size, device)
     path = root / f"{key.digest()}.zarr"
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     if feats.shape[0] != int(store.images.shape[0]):
@@ -425,7 +433,8 @@ def feature_loaders(
     """Loaders of (cached features, label, row) batches and the head that trains on them.
 
     Same batch size, shuffling and shuffle generator seed as study.trainable.make_loaders, so
-    the head sees the same batches in the same order as the full model would.
+    the head sees the same batches in the same order as the full model would. The features
+    are moved to ``device`` once (labels and rows stay on the CPU, where evaluation reads them).
 
     Returns:
         ({partition: DataLoader}, FeatureHead(model), stats of cached_features).
@@ -434,6 +443,7 @@ def feature_loaders(
     every = np.concatenate([tables[p][0] for p in partitions])
     feats, stats = cached_features(model, store, every, input_size=train.input_size,
                                    cache_dir=cache_dir, device=device, on_progress=on_progress)
+    feats = feats.to(device)  # once per trial: batches are then slices of a device tensor
     loaders, offset = {}, 0
     for part in partitions:
         idx, ys, rs = tables[part]

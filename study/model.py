@@ -215,5 +215,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    use_tf32(False)
     # warn_only: an op without a deterministic kernel should warn, not kill a long Tune trial
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def use_tf32(on: bool) -> None:
+    """Let CUDA matmuls and cuDNN convolutions round float32 inputs to TF32 (on) or not (off).
+
+    Off is the default here (seed_everything turns it off): torch enables TF32 for cuDNN
+    convolutions by default, which changes a ResNet's outputs at the 1e-3 level, so features
+    cached during the trials and the final test pass would not run on the same numbers. The
+    feature cache's key records what was in force (fp32_precision).
+    """
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def fp32_precision(device: str | torch.device) -> str:
+    """How float32 math runs on device: "fp32", or "tf32" on CUDA while TF32 is allowed."""
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 else "fp32"
