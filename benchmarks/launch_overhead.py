@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +163,32 @@ def overhead(args, root: Path, url: str) -> dict:
             "busy_fraction": round(sampler.busy_fraction(), 3)}
 
 
+def pair_trainers(old_epochs: int, epochs: int) -> dict:
+    """One trial's training at OAI size in this process, one thread, old vs new trainer, beside
+    the physical floor measured now (benchmarks/head_trainer.py, hardware_floor.py): the same
+    synthetic features (3,515 x 15 x 512, 70/15 subject split), SGD at the seed's settings.
+    The old trainer (engine.fit) runs old_epochs and is extrapolated to `epochs`."""
+    import torch
+
+    import head_trainer as hb
+    from hardware_floor import floor, machine_limits
+
+    torch.set_num_threads(1)
+    data = hb.make_features(3515, 15)
+    parts = {name: (np.ascontiguousarray(data["feats"][data["part"] == code]), data["labels"][data["part"] == code],
+                    data["rows"][data["part"] == code]) for name, code in (("train", 0), ("val", 1))}
+    old = hb.run_old(parts, "sgd", old_epochs, check=False)
+    new = hb.run_head_trainer(parts, "sgd", 1, epochs, 1, "float32")
+    cell = hb.run_head_trainer(parts, "sgd", 10, epochs, 1, "float32")  # a cell's 10 in one pass
+    fl = floor(parts["train"][0].shape[0], parts["val"][0].shape[0], epochs, machine_limits(data["feats"]))
+    return {"old_trainer_cpu_s_per_trial": round(old["cpu_s"] * epochs / old_epochs, 1),
+            "old_trainer_wall_s_per_trial": round(old["wall_s"] * epochs / old_epochs, 1),
+            "new_trainer_cpu_s_per_trial": round(new["cpu_s"], 2), "new_trainer_wall_s_per_trial": round(new["wall_s"], 2),
+            "new_trainer_k10_cpu_s_per_config": round(cell["cpu_s"] / 10, 3),
+            "floor_shuffled_read_s": round(fl["read_floor_shuffled_s"], 2), "floor_flop_s": round(fl["flop_floor_s"], 3),
+            "floor_k10_per_config_s": round(fl["read_floor_shuffled_s"] / 10 + fl["flop_floor_s"], 3)}
+
+
 def mean_metric(runs, key: str) -> float | None:
     values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
     return round(sum(values) / len(values), 2) if values else None
@@ -203,6 +230,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--oai-root", default="/tmp/bench_oai", help="where --oai builds (and reuses) its store")
     p.add_argument("--cells", type=int, default=48, help="cells of the OAI grid (--oai)")
     p.add_argument("--torch-head", action="store_true", help="trials on engine.fit, not the compiled head")
+    p.add_argument("--pair-trainers", action="store_true",
+                   help="after the launch, time one trial's training old (engine.fit) vs new and the floor (overhead)")
+    p.add_argument("--old-epochs", type=int, default=2, help="epochs the old trainer runs (extrapolated)")
     return p
 
 
@@ -219,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             server.stop(root / "mlflow")
     out["load_avg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    if args.mode == "overhead" and args.pair_trainers:
+        out.update(pair_trainers(args.old_epochs, args.epochs))
+        out["load_avg_after_trainers"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(out, indent=2))
     return out
 
