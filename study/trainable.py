@@ -208,6 +208,7 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
         store = open_store(ctx.store)
         if ctx.protocol == "nested_cv":
             log_batch(client, run_id, params=params)
+            params = None
             run_cv_trial(store, ctx, train, client=client, run_id=run_id, device=device)
             status = "FINISHED"
             return
@@ -220,6 +221,7 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
             "feature_cache": how["feature_cache"][:250],
             "trainer": "compiled head (study/head_trainer.py)" if why_torch is None
             else f"torch (engine.fit): {why_torch}"[:250]})
+        params = None  # sent
         state = None
         if saved is not None:
             _check_prefix(saved, model, how)
@@ -280,6 +282,9 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
             flush(timings(compute_s=sum(h.get("time_s", 0.0) for h in ran)))
         status = "FINISHED"
     finally:
+        if params is not None:  # it failed before its first batch: the run still says what it tried
+            with contextlib.suppress(Exception):
+                log_batch(client, run_id, params=params)
         client.set_terminated(run_id, "KILLED" if stopped[0] else status)
 
 
