@@ -64,6 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="continue an unfinished launch: the latest of this grid and store, or RUN_ID")
     resume.add_argument("--new", action="store_true",
                         help="start a new launch even though the latest one is unfinished (its runs are marked KILLED)")
+    p.add_argument("--max-cells", type=int, default=None, metavar="N",
+                   help="cells running at once (default: enough to fill the cluster's trial slots, plus one; "
+                        "each cell task is a process of about 1 GB)")
     p.add_argument("--quiet", action="store_true", help="no progress display (batch jobs); the results table only")
     return p
 
@@ -188,7 +191,7 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
     from mlflow.tracking import MlflowClient
 
     from study import preflight, progress, resume, tracking
-    from study.runner import run_cells
+    from study.runner import cells_at_once, run_cells, trial_slots
     from study.search import concurrency_per_cell
 
     client = MlflowClient(tracking_uri)
@@ -234,10 +237,11 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
             ctx.progress_hub = progress.hub_name(launch_id)
         res = ray.cluster_resources()
         max_conc = concurrency_per_cell(grid, max(1, len(contexts)), res.get("CPU", 1), res.get("GPU", 0))
+        max_cells = args.max_cells or cells_at_once(len(contexts), trial_slots(grid, res), max_conc)
         if not args.quiet:
             print(f"launch {'resumed' if prior else 'started'}: {ui_link(tracking_uri, exp_id, launch_id)}")
             print(f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {len(contexts)} cell(s) to run"
-                  + (f", {len(kept)} kept from before" if kept else "") + f"; up to {max_conc} trial(s) per cell at once",
+                  + (f", {len(kept)} kept from before" if kept else "") + f"; up to {max_conc} trial(s) per cell and {max_cells} cell(s) at once",
                   flush=True)
         done_before = {c.cell.name: len(tracking.children(client, exp_id, c.cell_run_id, "attributes.status = 'FINISHED'"))
                        for c in contexts} if prior is not None else {}
@@ -248,7 +252,8 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
         try:
             rows, signum = run_cells(contexts, grid, storage_path=storage_path, max_concurrent=max_conc,
                                      client=client, launch_run_id=launch_id, display=display, hub=hub,
-                                     heartbeat=(lambda: resume.beat(client, launch_id), resume.HEARTBEAT_S))
+                                     heartbeat=(lambda: resume.beat(client, launch_id), resume.HEARTBEAT_S),
+                                     max_cells=max_cells)
         finally:
             display.close()
         rows = {**kept, **rows}

@@ -1,11 +1,14 @@
-"""Run a launch's cells on Ray: submit them all, collect each as it finishes, show progress,
-and stop gracefully on SIGINT/SIGTERM.
+"""Run a launch's cells on Ray: keep enough of them running to fill the cluster, collect each
+as it finishes, show progress, and stop gracefully on SIGINT/SIGTERM.
 
     rows, signum = run_cells(contexts, grid, storage_path=..., launch_run_id=..., client=...)
 
 Each cell is one zero-CPU Ray task (study.search.run_cell_search) that runs its Tune
-experiment; its trials hold the CPUs/GPUs. Results are collected with `ray.wait` as cells
-finish, so a crashed cell never hides the others' results. On the first SIGINT/SIGTERM every
+experiment; its trials hold the CPUs/GPUs. A cell task is a process of about 1 GB (torch,
+Tune, MLflow), and a cell whose trials cannot get a CPU only waits, so at most `max_cells`
+run at once (`cells_at_once`: enough to fill every trial slot, plus one whose closing work
+overlaps the others' trials); the next starts when one finishes. Results are collected with
+`ray.wait` as cells finish, so a crashed cell never hides the others' results. On the first SIGINT/SIGTERM every
 running cell task gets SIGUSR1 (Ray Tune's own "stop and save" signal: it checkpoints the
 experiment with its unfinished trials, which `--resume` continues); after GRACE_S the rest is
 cancelled. A second signal skips the wait.
@@ -13,6 +16,7 @@ cancelled. A second signal skips the wait.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -79,9 +83,31 @@ def _collect(ref, ctx, client) -> dict[str, Any]:
                 "status": f"failed: the cell task died ({reason})"}
 
 
+def trial_slots(grid, resources: dict) -> float:
+    """Trials the cluster can run at once under `grid.resources_per_trial` (`resources`: Ray's
+    cluster_resources(); inf when a trial asks for nothing)."""
+    res = grid.resources_per_trial
+    slots = resources.get("CPU", 1) / res.cpu if res.cpu else math.inf
+    if res.gpu:
+        slots = min(slots, resources.get("GPU", 0) / res.gpu)
+    return slots
+
+
+def cells_at_once(n_cells: int, trial_slots: float, max_concurrent: int) -> int:
+    """Cells to keep running: enough for every trial slot of the cluster (`trial_slots` trials
+    fit at once; a cell runs up to `max_concurrent`), plus one, never more than there are cells.
+    Measured: 12 cells of an OAI-size grid at once took 21 of 23 GiB on a 2-core machine where 3
+    suffice to keep both CPUs busy; 48 at once did not fit."""
+    if n_cells <= 0:
+        return 0
+    fill = math.ceil(trial_slots / max(1, max_concurrent)) if math.isfinite(trial_slots) else n_cells
+    return max(1, min(n_cells, fill + 1))
+
+
 def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, client, launch_run_id: str,
-              display, hub, heartbeat) -> tuple[dict[str, dict[str, Any]], int | None]:
-    """Run the cells of `contexts` (CellContext each) until all finish or a signal arrives.
+              display, hub, heartbeat, max_cells: int | None = None) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """Run the cells of `contexts` (CellContext each) until all finish or a signal arrives, at most
+    `max_cells` at once (None: all), in order.
 
     Returns:
         ({cell name: results row}, the signal number that stopped the launch or None). Rows of
@@ -93,8 +119,16 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
     from study.search import remote_cell_runner
 
     runner = remote_cell_runner()
-    pending = {runner.remote(ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent): ctx
-               for ctx in contexts}
+    queued = list(contexts)
+    limit = len(queued) if not max_cells else max(1, max_cells)
+    pending: dict[Any, Any] = {}
+
+    def submit() -> None:
+        while queued and len(pending) < limit:
+            ctx = queued.pop(0)
+            pending[runner.remote(ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent)] = ctx
+
+    submit()
     rows: dict[str, dict[str, Any]] = {}
     tasks: dict[str, tuple[int, str]] = {}  # cell -> (pid, node) of its running task
     here = ray.get_runtime_context().get_node_id()
@@ -122,6 +156,8 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             pump()
             take(ready)
+            if caught.signum is None:
+                submit()
             if time.monotonic() - last_beat >= heartbeat[1]:
                 heartbeat[0]()
                 last_beat = time.monotonic()
@@ -129,6 +165,10 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
             return rows, None
         # graceful stop: Tune saves each cell's experiment with its unfinished trials
         display.close()
+        for ctx in queued:  # never started: --resume runs them
+            rows[ctx.cell.name] = {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
+                                   "status": "interrupted"}
+        queued.clear()
         name = signal.Signals(caught.signum).name
         print(f"\n{name} received: stopping {len(pending)} running cell(s) (they save their state for --resume); "
               f"up to {GRACE_S:.0f} s, send {name} again to stop at once", flush=True)
