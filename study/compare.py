@@ -33,6 +33,8 @@ comparison is one Holm family within the launch (`*_p_holm`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from itertools import combinations
 
@@ -51,8 +53,8 @@ STRATUM_KEYS = ("pooled_n_test", "pooled_n_label_differs", "pooled_test_acc", "p
 
 
 def pooled_cell(cell: Cell) -> Cell:
-    """The cell of the same cohort and measure over every sex and BMI."""
-    return Cell(cohort=cell.cohort, measure=cell.measure, sex="all", bmi="all")
+    """The cell of the same cohort, measure (and other axes) over every sex and BMI."""
+    return dataclasses.replace(cell, sex="all", bmi="all")
 
 
 def _check(name: str, p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,9 +164,10 @@ def launch_comparisons(predictions: dict[Cell, dict], *, n_boot: int = 2000, see
 
     pairs = []
     groups: dict[tuple[str, str, str], list[Cell]] = {}
-    for cell in predictions:
-        groups.setdefault((cell.cohort, cell.sex, cell.bmi), []).append(cell)
-    for (cohort, sex, bmi), cells in sorted(groups.items()):
+    for cell in predictions:  # cells that differ in the measure only (ablation axes equal)
+        groups.setdefault(dataclasses.replace(cell, measure=""), []).append(cell)
+    for key, cells in sorted(groups.items(), key=lambda kv: kv[0].name):
+        cohort, sex, bmi = key.cohort, key.sex, key.bmi
         for a, b in combinations(sorted(cells, key=lambda c: c.measure), 2):
             d = measure_difference(predictions[a], predictions[b], n_boot=n_boot, seed=seed, alpha=alpha)
             pairs.append({"cohort": cohort, "sex": sex, "bmi": bmi, "measure_a": a.measure, "measure_b": b.measure,

@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from study.grid_schema import (BMI_STRATA, DISTRIBUTIONS, FREEZE_MODES, GRID_AXES, MEASURES,  # noqa: F401 (re-exported)
+from study.cell_axes import check_axis_settings
+from study.grid_schema import (ADJUST_FOR, BMI_STRATA, DISTRIBUTIONS, FREEZE_MODES, GRID_AXES, MEASURES,  # noqa: F401 (re-exported)
                                OPTIMIZERS, PROTOCOLS, SCHEDULERS, SELECT_ON, SEXES, SMALL_CELLS, THRESHOLD_FITS,
                                THRESHOLDS, Cell, GridConfig, GridError, ResourcesConfig, SearchParam, SplitConfig,
                                TrainConfig)
@@ -191,7 +192,8 @@ def _parse_grid(raw: Any, errors: list[str]) -> dict[str, tuple[str, ...]]:
         allowed = GRID_AXES[axis]
         for v in values:
             if not isinstance(v, str):
-                errors.append(f"grid.{axis}: value {v!r} must be a string (quote BMI strata like \"<25\")")
+                errors.append(f"grid.{axis}: value {v!r} must be a string (quote BMI strata like \"<25\", "
+                              "input sizes like \"64x128\")")
             elif allowed is not None and v not in allowed:
                 errors.append(f"grid.{axis}: unknown value {v!r}; allowed: {', '.join(allowed)}")
         if len(set(map(str, values))) != len(values):
@@ -272,6 +274,7 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     if not _is_number(interval) or interval < 0:
         errors.append(f"checkpoint_interval_s: expected a number of seconds >= 0 (0: every epoch), got {interval!r}")
     statistics = _parse_statistics(raw, split, protocol, threshold_fit, errors)
+    statistics.update(check_axis_settings(raw, grid, search, protocol, errors))
     for key in ("question", "store"):
         if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
             errors.append(f"{key}: expected a non-empty string, got {raw[key]!r}")

@@ -12,13 +12,25 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+FREEZE_MODES = ("fc", "layer4", "layer3", "none")
+THRESHOLDS = ("cohort", "stratum")  # cohort: median of the whole cohort (the seed's rule)
 MEASURES = ("leg_strength", "gait_speed_short", "gait_400m", "chair_stand")
 SEXES = ("all", "male", "female")
 BMI_STRATA = ("all", "<25", "25-30", ">=30")
-GRID_AXES = {"cohort": None, "measure": MEASURES, "sex": SEXES, "bmi": BMI_STRATA}
-THRESHOLDS = ("cohort", "stratum")  # cohort: median of the whole cohort (the seed's rule)
+FROM_TRAIN = "train"  # freeze / input_size axis default: the value of `train:` (or `search:`)
+SAME_COHORT = "same"  # eval_cohort default: test on the training cohort's own test subjects
+LABELS = ("raw", "adjusted")  # adjusted: the measure's residual after `adjust_for` (study/labels.py)
+# covariates a label can be adjusted for: subjects-table columns and study/body_size.py's thigh areas
+ADJUST_FOR = ("sex", "age", "bmi", "muscle_area", "fat_area", "total_area")
+# None: values checked elsewhere (cohort / eval_cohort: against the store; input_size: "RxC")
+GRID_AXES = {"cohort": None, "measure": MEASURES, "sex": SEXES, "bmi": BMI_STRATA,
+             "eval_cohort": None, "freeze": (FROM_TRAIN, *FREEZE_MODES), "input_size": None, "label": LABELS,
+             "threshold_scope": ("grid", *THRESHOLDS)}
+# the axes every cell reports; the others only where a cell's value differs from AXIS_DEFAULTS
+CORE_AXES = ("cohort", "measure", "sex", "bmi")
+AXIS_DEFAULTS = {"sex": "all", "bmi": "all", "eval_cohort": SAME_COHORT, "freeze": FROM_TRAIN,
+                 "input_size": FROM_TRAIN, "label": "raw", "threshold_scope": "grid"}
 THRESHOLD_FITS = ("train", "all")  # train: median over training subjects only; all: every subject (the seed)
-FREEZE_MODES = ("fc", "layer4", "layer3", "none")
 OPTIMIZERS = ("sgd", "adamw")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 SCHEDULERS = ("none", "asha")
@@ -88,19 +100,34 @@ class SearchParam:
 class Cell:
     """One stratum of the grid: its own Optuna study, split and MLflow run."""
 
-    cohort: str
+    cohort: str  # the training cohort (and the tested one unless eval_cohort names another)
     measure: str
     sex: str = "all"
     bmi: str = "all"
+    eval_cohort: str = SAME_COHORT  # another cohort: its test subjects, by its own threshold
+    freeze: str = FROM_TRAIN  # a FREEZE_MODES value fixes the cell's freeze (not searched)
+    input_size: str = FROM_TRAIN  # "RxC" (e.g. "64x128") or "stored": the cell's network input size
+    label: str = "raw"  # adjusted: high/low of the measure's residual after the grid's adjust_for
+    threshold_scope: str = "grid"  # cohort | stratum: this cell's threshold rule; "grid": the top-level threshold
 
     @property
     def axes(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
+        """cohort, measure, sex, bmi, and each other axis whose value is not its default."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k in CORE_AXES or v != AXIS_DEFAULTS[k]}
+
+    @property
+    def is_transfer(self) -> bool:
+        return self.eval_cohort not in (SAME_COHORT, self.cohort)
 
     @property
     def name(self) -> str:
         bmi = self.bmi.replace("<", "lt").replace(">=", "ge")
-        return f"{self.cohort}__{self.measure}__sex-{self.sex}__bmi-{bmi}"
+        extra = "".join(f"__{_SHORT[k]}-{v}" for k, v in self.axes.items() if k not in CORE_AXES)
+        return f"{self.cohort}__{self.measure}__sex-{self.sex}__bmi-{bmi}{extra}"
+
+
+_SHORT = {"eval_cohort": "eval", "freeze": "freeze", "input_size": "size", "label": "label", "threshold_scope": "threshold"}
 
 
 @dataclass(frozen=True)
@@ -127,16 +154,31 @@ class GridConfig:
     small_cells: str = "refuse"  # or nested_cv: a cell short of min_test_per_class runs under nested CV
     select_on: str = "balanced_acc"
     multiplicity_family: tuple[str, ...] = ()  # axes splitting the launch into families; () = one family
-    allow_threshold_fit_all: bool = False  # threshold_fit: all outside seed_replication labels test subjects with their own values
+    allow_threshold_fit_all: bool = False
+    # label axis "adjusted": covariates (ADJUST_FOR) regressed out of the measure on training subjects
+    adjust_for: tuple[str, ...] = ()
+    # eval_cohort: largest relative difference of the two cohorts' median stored pixel spacing
+    transfer_spacing_tolerance: float = 0.05  # threshold_fit: all outside seed_replication labels test subjects with their own values
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     resources_per_trial: ResourcesConfig = field(default_factory=ResourcesConfig)
     source: str = ""
 
     def cells(self) -> list[Cell]:
+        """The cartesian product of the axes; an eval_cohort equal to the cell's cohort is the
+        cell's own ("same"), listed once; with adjust_for and no label axis every cell is adjusted."""
         keys = list(GRID_AXES)
-        values = [self.grid.get(k, ("all",)) for k in keys]
-        return [Cell(**dict(zip(keys, combo))) for combo in itertools.product(*values)]
+        default = {**AXIS_DEFAULTS, "label": "adjusted" if self.adjust_for else "raw"}
+        values = [self.grid.get(k, (default.get(k, "all"),)) for k in keys]
+        out: list[Cell] = []
+        for combo in itertools.product(*values):
+            axes = dict(zip(keys, combo))
+            if axes["eval_cohort"] == axes["cohort"]:
+                axes["eval_cohort"] = SAME_COHORT
+            cell = Cell(**axes)
+            if cell not in out:
+                out.append(cell)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

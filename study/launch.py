@@ -160,7 +160,7 @@ def open_launch(client, grid: GridConfig, store, plans: list[CellPlan], *, exp_i
                                                    "split_seed": grid.split.seed})
             tracking.log_metrics(client, cell_run, plan.counts())
         contexts.append(CellContext(
-            cell=plan.cell, store=store_path, store_hash=store.content_hash, train=grid.train, split=plan.split,
+            cell=plan.cell, store=store_path, store_hash=store.content_hash, train=plan.train or grid.train, split=plan.split,
             labels=plan.labels, threshold=plan.threshold, threshold_rule=plan.threshold_rule,
             direction=plan.direction, tracking_uri=client.tracking_uri, experiment_id=exp_id, cell_run_id=cell_run,
             cpus_per_trial=grid.resources_per_trial.cpu, gpus_per_trial=grid.resources_per_trial.gpu,

@@ -36,11 +36,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from study.config import Cell, GridConfig
+from study.cell_axes import cell_train
+from study.grid_schema import SAME_COHORT, Cell, GridConfig, TrainConfig
 from study.data import (MEASURE_DIRECTIONS, check_disjoint, function_threshold, high_function_labels,
                         stratum_rows)
+from study.labels import Covariates, residualise
 from study.metrics import majority_class
 from study.splits import CohortSplit, inner_folds, split_cohort
+from study.transfer import transfer_problems
 
 CLASSES = ("low", "high")  # label 0, label 1
 
@@ -79,6 +82,7 @@ class CellPlan:
             "train", "val" (empty), "test", "fold0"..).
         labels: partition -> 0/1 per subject (1 = high function), aligned with split.
         threshold, threshold_rule, direction: the median, how it was taken, "higher"/"lower".
+        train: the cell's fixed training settings (study.cell_axes.cell_train).
         protocol: this cell's protocol ("holdout", "seed_replication", "nested_cv"); a small
             cell under `small_cells: nested_cv` is "nested_cv" in a holdout grid.
         n_ties: subjects of the cell whose value equals the threshold (labelled low).
@@ -94,6 +98,7 @@ class CellPlan:
     protocol: str = "holdout"
     n_ties: int = 0
     outer_folds: list[OuterFold] = field(default_factory=list)
+    train: TrainConfig | None = None  # the grid's train: with the cell's freeze / input_size axes applied
 
     @property
     def n(self) -> int:
@@ -138,9 +143,20 @@ def measure_direction(store, measure: str) -> str:
     return MEASURE_DIRECTIONS[measure]
 
 
+@dataclass
+class _Labeller:
+    """How one scope's subjects are labelled: values (the measure, or its residual after
+    adjust_for; per store row, NaN outside the scope) above `threshold` are high (or below,
+    for lower-is-better measures)."""
+
+    threshold: float
+    rule: str
+    values: np.ndarray
+
+
 class _Launch:
-    """The launch-wide state every cell plan shares: each cohort's split, and one threshold
-    per (cohort or stratum, measure, outer fold) computed once."""
+    """The launch-wide state every cell plan shares: each cohort's split, and one labeller
+    per (cohort or stratum, measure, label, outer fold) computed once."""
 
     def __init__(self, grid: GridConfig, subjects: pd.DataFrame, store) -> None:
         self.grid, self.subjects, self.store = grid, subjects, store
@@ -149,10 +165,11 @@ class _Launch:
         self.outer_fold = np.full(n, -1, dtype=np.int64)
         self.order = np.full(n, -1, dtype=np.int64)
         self.splits: dict[str, CohortSplit] = {}
-        self._thresholds: dict[tuple, tuple[float, str]] = {}
+        self._labellers: dict[tuple, _Labeller] = {}
+        self.covariates = Covariates(store)
         store_cohorts = sorted(set(subjects["cohort"].dropna().astype(str)))
-        wanted = grid.grid.get("cohort", ())
-        for cohort in store_cohorts if "all" in wanted else [c for c in wanted if c in store_cohorts]:
+        wanted = [*grid.grid.get("cohort", ()), *(c for c in grid.grid.get("eval_cohort", ()) if c != SAME_COHORT)]
+        for cohort in store_cohorts if "all" in wanted else [c for c in store_cohorts if c in wanted]:
             cs = split_cohort(subjects, cohort, val=grid.split.val if grid.protocol != "nested_cv" else 0.0,
                               test=grid.split.test, seed=grid.split.seed, outer_folds=grid.split.outer_folds,
                               stratify_sex=grid.split.stratify_sex, stratify_bmi=grid.split.stratify_bmi,
@@ -173,31 +190,39 @@ class _Launch:
                                              threshold=median)
         return out
 
-    def threshold(self, cell: Cell, cell_rows: np.ndarray, fold: int | None) -> tuple[float, str]:
-        """(median, rule) for a cell; `fold` None for holdout, else the outer fold it labels."""
+    def labeller(self, cell: Cell, cell_rows: np.ndarray, fold: int | None) -> _Labeller:
+        """The cell's labelling (of its training cohort); `fold` None for holdout, else the outer
+        fold it labels. A label "adjusted" cell's residual regression is fitted on the same
+        subjects as its threshold: the scope's training subjects."""
         grid = self.grid
-        if grid.threshold == "cohort":
+        if (cell.threshold_scope if cell.threshold_scope != "grid" else grid.threshold) == "cohort":
             scope_key = ("cohort", cell.cohort)
             scope = stratum_rows(self.subjects, cohort=cell.cohort, measure=cell.measure)
             population = f"cohort {cell.cohort}"
         else:
             scope_key = ("stratum", cell.cohort, cell.sex, cell.bmi)
             scope, population = cell_rows, f"stratum sex={cell.sex}, bmi={cell.bmi} of cohort {cell.cohort}"
-        key = (*scope_key, cell.measure, grid.threshold_fit, fold)
-        if key not in self._thresholds:
+        key = (*scope_key, cell.measure, cell.label, grid.threshold_fit, fold)
+        if key not in self._labellers:
             ref, whose = scope, "subjects"
             if grid.threshold_fit == "train":  # held-out subjects' measures never move their own labels
                 ref = scope[self.partition[scope] == "train"] if fold is None else scope[self.outer_fold[scope] != fold]
                 whose = "training subjects" if fold is None else f"training subjects of outer fold {fold}"
-            value = function_threshold(self.subjects, measure=cell.measure, rows=ref)
-            self._thresholds[key] = (value, f"median of {cell.measure} over {len(ref)} {whose} of {population}")
-        return self._thresholds[key]
+            values, what = self.subjects[cell.measure].to_numpy(dtype=float, na_value=np.nan), cell.measure
+            if cell.label == "adjusted":
+                res = residualise(self.subjects, self.covariates, measure=cell.measure, fit_rows=ref,
+                                  apply_rows=scope, adjust_for=grid.adjust_for)
+                values, what = res.values, f"the {res.rule}"
+            value = (float(np.median(values[ref])) if cell.label == "adjusted" and len(ref)
+                     else function_threshold(self.subjects, measure=cell.measure, rows=ref))
+            self._labellers[key] = _Labeller(value, f"median of {what} over {len(ref)} {whose} of {population}",
+                                             values)
+        return self._labellers[key]
 
 
-def _labels(launch: _Launch, cell: Cell, split: dict[str, np.ndarray], threshold: float, direction: str
-            ) -> dict[str, np.ndarray]:
-    values = launch.subjects[cell.measure].to_numpy(dtype=float)
-    return {p: high_function_labels(values[r], direction=direction, threshold=threshold) for p, r in split.items()}
+def _labels(labeller: _Labeller, split: dict[str, np.ndarray], direction: str) -> dict[str, np.ndarray]:
+    return {p: high_function_labels(labeller.values[r], direction=direction, threshold=labeller.threshold)
+            for p, r in split.items()}
 
 
 def _class_counts(y: np.ndarray) -> str:
@@ -207,9 +232,19 @@ def _class_counts(y: np.ndarray) -> str:
 
 def _holdout(launch: _Launch, cell: Cell, rows: np.ndarray, direction: str, protocol: str) -> CellPlan:
     split = {p: rows[launch.partition[rows] == p] for p in ("train", "val", "test")}
+    lab = launch.labeller(cell, rows, None)
+    labels = _labels(lab, split, direction)
+    threshold, rule, values = lab.threshold, lab.rule, lab.values[rows]
+    if cell.is_transfer:  # tested on the evaluation cohort's test subjects, by its own labelling
+        home = Cell(**{**cell.axes, "cohort": cell.eval_cohort, "eval_cohort": SAME_COHORT})
+        eval_rows = stratum_rows(launch.subjects, cohort=home.cohort, measure=cell.measure, sex=cell.sex, bmi=cell.bmi)
+        split["test"] = eval_rows[launch.partition[eval_rows] == "test"]
+        eval_lab = launch.labeller(home, eval_rows, None)
+        labels["test"] = _labels(eval_lab, {"test": split["test"]}, direction)["test"]
+        rule = (f"train/val: {rule} = {threshold:.4g}; test subjects of {home.cohort}, labelled by their "
+                f"cohort's own {eval_lab.rule} = {eval_lab.threshold:.4g}")
+        values = np.concatenate([values, eval_lab.values[split["test"]]])
     check_disjoint(split, launch.subjects["subject_id"].to_numpy())
-    threshold, rule = launch.threshold(cell, rows, None)
-    labels = _labels(launch, cell, split, threshold, direction)
     for part in ("train", "val", "test"):
         if protocol == "seed_replication" and part == "test":
             continue  # the seed's protocol has no test partition
@@ -217,19 +252,18 @@ def _holdout(launch: _Launch, cell: Cell, rows: np.ndarray, direction: str, prot
             raise PlanError(f"cell {cell.name}: the {part} partition ({len(labels[part])} subjects, "
                             f"{_class_counts(labels[part])}) holds one class only; use more subjects "
                             f"or a larger split.{part}")
-    values = launch.subjects[cell.measure].to_numpy(dtype=float)[rows]
     return CellPlan(cell=cell, split=split, labels=labels, threshold=float(threshold), threshold_rule=rule,
                     direction=direction, protocol=protocol, n_ties=int(np.sum(values == threshold)))
 
 
 def _nested(launch: _Launch, cell: Cell, rows: np.ndarray, direction: str) -> CellPlan:
     grid = launch.grid
-    values = launch.subjects[cell.measure].to_numpy(dtype=float)
     folds = []
     for j in range(grid.split.outer_folds):
         in_test = launch.outer_fold[rows] == j
         train, test = rows[~in_test], rows[in_test]
-        threshold, rule = launch.threshold(cell, rows, j)
+        lab = launch.labeller(cell, rows, j)
+        threshold, rule, values = lab.threshold, lab.rule, lab.values
         y_train = high_function_labels(values[train], direction=direction, threshold=threshold)
         try:
             inner = inner_folds(train, y_train, launch.order[train], grid.split.folds)
@@ -237,7 +271,7 @@ def _nested(launch: _Launch, cell: Cell, rows: np.ndarray, direction: str) -> Ce
             raise PlanError(f"cell {cell.name}, outer fold {j}: {exc}") from exc
         split = {"train": train, "test": test, **{f"fold{i}": f for i, f in enumerate(inner)}}
         check_disjoint({k: v for k, v in split.items() if k != "train"}, launch.subjects["subject_id"].to_numpy())
-        folds.append(OuterFold(index=j, split=split, labels=_labels(launch, cell, split, threshold, direction),
+        folds.append(OuterFold(index=j, split=split, labels=_labels(lab, split, direction),
                                threshold=float(threshold), threshold_rule=rule,
                                n_ties=int(np.sum(values[rows] == threshold))))
     tested = np.concatenate([f.split["test"] for f in folds])
@@ -271,7 +305,7 @@ def plan_cell(launch: _Launch, cell: Cell, direction: str) -> CellPlan:
         plan = _holdout(launch, cell, rows, direction, grid.protocol)
     what, y = _reported(plan)
     short = np.bincount(y.astype(np.int64), minlength=2).min() < grid.min_test_per_class
-    if short and plan.protocol == "holdout" and grid.small_cells == "nested_cv":
+    if short and plan.protocol == "holdout" and grid.small_cells == "nested_cv" and not cell.is_transfer:
         plan = _nested(launch, cell, rows, direction)  # every subject tested once: more test subjects per class
         what, y = _reported(plan)
         short = np.bincount(y.astype(np.int64), minlength=2).min() < grid.min_test_per_class
@@ -279,6 +313,7 @@ def plan_cell(launch: _Launch, cell: Cell, direction: str) -> CellPlan:
         raise PlanError(f"cell {cell.name}: {what} subjects {_class_counts(y)}; min_test_per_class is "
                         f"{grid.min_test_per_class} (a 95% CI of accuracy narrower than +-0.25); use more "
                         "subjects, a larger split.test, small_cells: nested_cv, or a lower min_test_per_class")
+    plan.train = cell_train(grid.train, cell)
     return plan
 
 
@@ -305,6 +340,11 @@ def plan_cells(grid: GridConfig, store) -> list[CellPlan]:
         short = int((subjects["slice_count"] < k).sum())
         errors.append(f"train.slices_per_subject: {k}, but {short} subject(s) in the store have fewer slices "
                       f"(fewest: {int(subjects['slice_count'].min())}); use at most that many")
+    for cohort, other in sorted({(c.cohort, c.eval_cohort) for c in grid.cells() if c.is_transfer}):
+        if other not in cohorts:
+            errors.append(f"grid.eval_cohort: {other!r} is not in the store {grid.store}; it holds: {', '.join(cohorts)}")
+        elif cohort in cohorts:
+            errors += transfer_problems(store, cohort, other, tolerance=grid.transfer_spacing_tolerance)
     if errors:
         raise PlanError(f"{grid.source}: {len(errors)} problem(s) with the store:\n  - " + "\n  - ".join(errors))
     try:

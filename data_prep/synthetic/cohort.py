@@ -23,7 +23,7 @@ import pandas as pd
 from data_prep.synthetic.dicom_writer import (LOCALIZER, SERIES, SLICE_MM, derive_rng,
                                               write_participant)
 from data_prep.synthetic.phantom import N_SLICES, check_matrix, pixel_spacing
-from data_prep.synthetic.subjects import (COHORTS, MARGINALS, N_VOLUNTEERS, PLANTED,
+from data_prep.synthetic.subjects import (COHORTS, IMAT_QUALITY_SD, MARGINALS, N_VOLUNTEERS, PLANTED,
                                           SHARED_FITNESS, TABLE_ONLY_OAI, realised_correlations,
                                           sample_subjects)
 from data_prep.synthetic.tables import write_tables
@@ -50,6 +50,8 @@ def oai_batches(ids: list[str], seed: int) -> tuple[dict[str, str], dict[str, st
 
 def generate_cohort(out: Path, *, subjects: int, seed: int, null: bool = False,
                     matrix: tuple[int, int] = (256, 512), r_strength: float = 0.65,
+                    correlations: dict[str, tuple[str, float]] | None = None,
+                    imat_quality_sd: float = IMAT_QUALITY_SD,
                     overwrite: bool = False, verbose: bool = False) -> dict:
     """Write the synthetic cohorts (DICOM, tables, truth.csv, manifest.json) under `out`.
 
@@ -60,6 +62,9 @@ def generate_cohort(out: Path, *, subjects: int, seed: int, null: bool = False,
         null: measures independent of the images (same marginals).
         matrix: (rows, cols) of the axial series; field of view stays 250 x 500 mm.
         r_strength: planted correlation of leg strength with muscle area.
+        correlations: overrides of the planted effects, measure -> (feature, r) (subjects.py),
+            e.g. {"leg_strength": ("muscle_quality", 0.8)}: strength from muscle quality only.
+        imat_quality_sd: intermuscular-fat fraction per SD of muscle quality (image visibility).
         overwrite: replace an existing cohort in `out`.
         verbose: print progress per cohort.
 
@@ -81,7 +86,8 @@ def generate_cohort(out: Path, *, subjects: int, seed: int, null: bool = False,
     for cohort, n in counts.items():
         extra = TABLE_ONLY_OAI if cohort == "oai" else 0
         df = sample_subjects(n + extra, seed=seed, cohort=cohort, null=null,
-                             r_strength=r_strength)
+                             r_strength=r_strength, correlations=correlations,
+                             imat_quality_sd=imat_quality_sd)
         if extra:
             table_only = derive_rng(seed, 98).choice(n + extra, extra, replace=False)
             df.loc[df.index[table_only], "has_images"] = False
@@ -108,7 +114,7 @@ def generate_cohort(out: Path, *, subjects: int, seed: int, null: bool = False,
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
     truth = pd.concat(frames.values(), ignore_index=True)
     truth.to_csv(out / "truth.csv", index=False, lineterminator="\n")
-    planted = {**PLANTED, "leg_strength": ("muscle_area_cm2", r_strength)}
+    planted = {**PLANTED, "leg_strength": ("muscle_area_cm2", r_strength), **(correlations or {})}
     manifest = {
         "generator": "data_prep/synth.py", "schema_version": 1, "seed": seed, "null": null,
         "matrix": list(matrix), "pixel_spacing_mm": list(pixel_spacing(matrix)),
@@ -122,7 +128,7 @@ def generate_cohort(out: Path, *, subjects: int, seed: int, null: bool = False,
         "correlations": {
             "planted": {m: {"feature": f, "r": 0.0 if null else r}
                         for m, (f, r) in planted.items()},
-            "shared_fitness_variance": SHARED_FITNESS,
+            "shared_fitness_variance": SHARED_FITNESS, "imat_quality_sd": imat_quality_sd,
             "realised": {c: realised_correlations(f, planted) for c, f in frames.items()
                          if c != "volunteers"}},
         "marginals": {c: {m: dict(zip(("mean", "sd", "min", "max"), v)) for m, v in mc.items()}

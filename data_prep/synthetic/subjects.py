@@ -12,12 +12,16 @@ Subject model (per cohort; areas are per thigh, averaged over both thighs and th
     fat        mu + sd * (0.75 zb + 0.66 e2), 60, 25 (men), 110, 40 (women); capped so one thigh
                fits its 250 x 250 mm half of the field of view
     imat       intermuscular-fat fraction 0.07 + 0.025 zb + 0.012 (age - 60) / 10
-               + 0.01 female + 0.025 q, clipped [0.015, 0.35]; q = muscle-quality latent
+               + 0.01 female + imat_quality_sd q, clipped [0.015, 0.35]; q = muscle-quality
+               latent, independent of size, sex, age and BMI (imat_quality_sd 0.025 by default);
+               muscle_quality = -q (higher: less intermuscular fat at the same size)
     measure    mean + sd * (r * z(feature) + sqrt(1 - r^2) * e), z standardised within the cohort;
                e = +-sqrt(0.3) u + sqrt(0.7) eps with u a shared fitness latent (sign: better).
                PLANTED: leg_strength ~ muscle_area r = +r_strength (0.65); gait_speed_short ~
                imat_fraction r = -0.30; gait_400m (s) ~ imat_fraction r = +0.25; chair_stand (s)
-               ~ muscle_area r = -0.20. null=True: measure = mean + sd * e, same marginals,
+               ~ muscle_area r = -0.20. `correlations` replaces any of these, e.g.
+               {"leg_strength": ("muscle_quality", 0.8)} plants a pure muscle-quality effect
+               (visible in the images only as intermuscular fat at fixed size). null=True: measure = mean + sd * e, same marginals,
                independent of every image feature.
     volunteers exercise = 'yes' for the 3-5 highest (within-sex muscle z + N(0, 0.7)).
 """
@@ -40,7 +44,8 @@ PLANTED = {  # measure -> (image feature, correlation within the cohort)
     "gait_400m": ("imat_fraction", 0.25),
     "chair_stand": ("muscle_area_cm2", -0.20),
 }
-FEATURES = ("muscle_area_cm2", "imat_area_cm2", "imat_fraction", "fat_area_cm2", "bmi")
+FEATURES = ("muscle_area_cm2", "imat_area_cm2", "imat_fraction", "fat_area_cm2", "bmi", "muscle_quality")
+IMAT_QUALITY_SD = 0.025  # intermuscular-fat fraction per SD of the muscle-quality latent
 HIGHER_IS_BETTER = {"leg_strength": 1, "gait_speed_short": 1, "gait_400m": -1, "chair_stand": -1}
 MARGINALS = {  # cohort -> measure -> (mean, sd, min, max); strength ~9 N/cm2 of muscle
     "oai": {"leg_strength": (1000.0, 330.0, 150.0, 2500.0),  # knee extension, N
@@ -61,7 +66,8 @@ def _z(x: np.ndarray) -> np.ndarray:
 
 def sample_subjects(n: int, *, seed: int, cohort: str, null: bool = False,
                     r_strength: float = 0.65,
-                    correlations: dict[str, tuple[str, float]] | None = None) -> pd.DataFrame:
+                    correlations: dict[str, tuple[str, float]] | None = None,
+                    imat_quality_sd: float = IMAT_QUALITY_SD) -> pd.DataFrame:
     """Draw anatomy, scan settings and measures of `n` participants without rendering images.
 
     Args:
@@ -71,6 +77,8 @@ def sample_subjects(n: int, *, seed: int, cohort: str, null: bool = False,
         null: measures independent of the anatomy (same marginals).
         r_strength: planted correlation of leg_strength with muscle area.
         correlations: overrides of PLANTED, measure -> (feature, r).
+        imat_quality_sd: intermuscular-fat fraction per SD of the muscle-quality latent
+            (how visible muscle quality is in the images), in [0, 0.1].
 
     Returns:
         One row per participant; see truth.csv for the columns.
@@ -86,6 +94,8 @@ def sample_subjects(n: int, *, seed: int, cohort: str, null: bool = False,
                  for m, (f, _) in planted.items() if f not in FEATURES]
     problems += [f"Invalid correlation {r} for {m}: must lie in [-1, 1]"
                  for m, (_, r) in planted.items() if not -1.0 <= r <= 1.0]
+    if not 0.0 <= imat_quality_sd <= 0.1:
+        problems.append(f"Invalid imat_quality_sd {imat_quality_sd}: must lie in [0, 0.1]")
     if problems:
         raise ValueError("; ".join(problems) + ".")
     rng = derive_rng(seed, COHORT_CODE[cohort])
@@ -109,7 +119,7 @@ def sample_subjects(n: int, *, seed: int, cohort: str, null: bool = False,
               * (0.45 * zb + 0.893 * e1)) * (1 - 0.005 * (age - 60))
     muscle = np.clip(muscle, 45, 220)
     fat = np.where(female, 110.0, 60.0) + np.where(female, 40.0, 25.0) * (0.75 * zb + 0.661 * e2)
-    imat_fraction = np.clip(0.07 + 0.025 * zb + 0.0012 * (age - 60) + 0.01 * female + 0.025 * q,
+    imat_fraction = np.clip(0.07 + 0.025 * zb + 0.0012 * (age - 60) + 0.01 * female + imat_quality_sd * q,
                             0.015, 0.35)
     femur_r = np.clip(np.where(female, rng.normal(13.2, 0.9, n), rng.normal(15.0, 1.0, n)), 11, 18)
     cortex = np.clip(rng.normal(0.38, 0.04, n) * femur_r, 3.5, 7.0)
@@ -124,7 +134,7 @@ def sample_subjects(n: int, *, seed: int, cohort: str, null: bool = False,
         "bmi": bmi, "height_mm": height, "weight_kg": weight,
         "muscle_area_cm2": muscle, "imat_area_cm2": imat, "imat_fraction": imat_fraction,
         "fat_area_cm2": fat, "bone_area_cm2": bone, "femur_radius_mm": femur_r,
-        "cortex_mm": cortex, "asymmetry": asym, "taper": taper})
+        "cortex_mm": cortex, "asymmetry": asym, "taper": taper, "muscle_quality": -q})
 
     fitness = rng.standard_normal(n)
     for measure, (feature, r) in planted.items():

@@ -352,3 +352,20 @@ def test_cli_runs_as_a_file(tmp_path):
     assert manifest["null"] is True and manifest["matrix"] == [64, 128]
     assert manifest["correlations"]["planted"]["leg_strength"]["r"] == 0.0
     assert len(_files(out / "oai/dicom")) == 18
+
+
+def test_a_pure_muscle_quality_effect_can_be_planted():
+    """Strength from muscle quality only: intermuscular fat at fixed size, independent of muscle area,
+    more visible with a larger imat_quality_sd."""
+    from data_prep.synthetic.subjects import sample_subjects
+
+    plant = {"leg_strength": ("muscle_quality", 0.8)}
+    df = sample_subjects(4000, seed=1, cohort="oai", correlations=plant, imat_quality_sd=0.06)
+    r = df[["leg_strength", "muscle_quality", "muscle_area_cm2", "imat_fraction", "bmi"]].corr()
+    assert r.loc["leg_strength", "muscle_quality"] == pytest.approx(0.8, abs=0.03)
+    assert abs(r.loc["leg_strength", "muscle_area_cm2"]) < 0.05 and abs(r.loc["muscle_quality", "bmi"]) < 0.05
+    assert r.loc["muscle_quality", "imat_fraction"] < -0.8  # quality is what the images show as IMAT
+    default = sample_subjects(4000, seed=1, cohort="oai", correlations=plant)
+    assert df["imat_fraction"].std() > 1.5 * default["imat_fraction"].std()
+    with pytest.raises(ValueError, match="imat_quality_sd"):
+        sample_subjects(10, seed=1, cohort="oai", imat_quality_sd=0.5)
