@@ -159,6 +159,9 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
         tracking.set_tags(client, run_id, {"feature_cache": how["feature_cache"][:250],
                                            "trainer": "compiled head (study/head_trainer.py)" if why_torch is None
                                            else f"torch (engine.fit): {why_torch}"[:250]})
+        if "computed" in how:  # slices this trial pushed through the prefix vs found in its node's cache
+            tracking.log_metrics(client, run_id, {"feature_cache_computed": how["computed"],
+                                                  "feature_cache_cached": how["cached"]})
         state = None
         if saved is not None:
             _check_prefix(saved, model, how)

@@ -18,7 +18,7 @@ import pandas as pd
 import zarr
 
 from data_prep.preprocess import Recipe
-from data_prep.store.remote import default_store_cache, is_url, open_remote_root
+from data_prep.store.remote import default_store_cache, is_url, open_remote_root, redact
 from data_prep.store.schema import NORM_COLUMNS, SCHEMA_VERSION, StoreError, subjects_frame
 
 
@@ -68,14 +68,24 @@ def open_store(path: str | os.PathLike, *, require_complete: bool = True,
     """
     if is_url(path):
         cache = default_store_cache() if cache_dir is True else (cache_dir or None)
-        root = open_remote_root(str(path), cache_dir=cache)
-        path = str(path)
-    else:
-        path = Path(str(path).removeprefix("file://"))
         try:
-            root = zarr.open_group(str(path), mode="r")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise StoreError(f"{path} is not a Zarr store (no group found)") from exc
+            return _open_root(open_remote_root(str(path), cache_dir=cache), str(path), require_complete)
+        except StoreError:
+            raise
+        except Exception as exc:  # s3fs / botocore: no credentials, access denied, endpoint down, ...
+            raise StoreError(redact(f"{path} cannot be read from its object storage "
+                                    f"({type(exc).__name__}: {exc}); credentials and endpoint come from the "
+                                    "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)")
+                             ) from exc
+    path = Path(str(path).removeprefix("file://"))
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"{path} is not a Zarr store (no group found)") from exc
+    return _open_root(root, path, require_complete)
+
+
+def _open_root(root: zarr.Group, path: Path | str, require_complete: bool) -> ThighStore:
     attrs = dict(root.attrs)
     if require_complete and attrs.get("complete") is not True:
         raise StoreError(
