@@ -3,10 +3,13 @@ through the node-local cache, refusals."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_store import _store
 
+from data_prep.build_store import main as build_main
 from data_prep.store import StoreError, open_store, upload_store, verify_store
 from data_prep.store.remote import NodeCacheStore
 from data_prep.store.upload import main
@@ -32,6 +35,7 @@ def test_upload_verifies_and_reads_through_the_node_cache(s3, tmp_path, capsys):
     assert upload_store(local, url, progress=False) == []
     assert _fs().exists("remote-read/study/s.zarr.ingest_report.csv")
     assert main(["verify", url]) == 0 and f"{url}: OK" in capsys.readouterr().out
+    assert build_main(["--verify", url]) == 0 and f"{url}: OK" in capsys.readouterr().out
 
     cache = tmp_path / "cache"
     store = open_store(url, cache_dir=cache)
@@ -93,3 +97,14 @@ def test_refused_credentials_are_reported_without_the_secret(s3, tmp_path, monke
     from data_prep.store import redact
 
     assert redact(f"key={wrong}") == "key=<AWS_SECRET_ACCESS_KEY>"
+
+
+def test_ingest_refuses_to_write_to_object_storage_and_says_how_to_copy_up(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_main(["--dicom", str(tmp_path), "--tables", str(tmp_path), "--cohort", "oai",
+                    "--out", "s3://bucket/study.zarr", "--salt-file", str(tmp_path / "salt")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out s3://bucket/study.zarr: ingest writes a local store" in err
+    assert "data_prep/store/upload.py upload LOCAL URL" in err
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()  # nothing written under a mangled path

@@ -116,7 +116,7 @@ def test_store_and_tune_storage_on_object_storage(two_cohort_store, mlflow_serve
     cell = _runs(client, "on_s3", "cell")[0].data.tags["cell"]
     assert any(k.endswith("tuner.pkl") for k in keys), keys[:20]
     assert any("/checkpoint_" in k for k in keys), keys[:20]
-    assert all(f"/{cell}/" in k or k.endswith(".json") for k in keys if "/checkpoint_" in k)
+    assert all(f"/{cell}/" in k for k in keys if "/checkpoint_" in k)  # under the cell's experiment
     # trials read the store through this node's cache: whole participant shards under the store's hash
     folder = store_cache_dir / digest.split(":")[-1][:32]
     shards = sorted((folder / "images").glob("c.*"))
