@@ -91,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         problems = (upload_store(args.local, args.url) if args.command == "upload" else verify_store(args.url))
-    except (StoreError, OSError) as exc:  # OSError: s3fs's PermissionError, FileNotFoundError, ...
-        print(redact(f"error: {type(exc).__name__}: {exc}"), file=sys.stderr)
+    except StoreError as exc:
+        print(redact(f"error: {exc}"), file=sys.stderr)
+        return 2
+    except OSError as exc:  # s3fs: PermissionError (credentials), FileNotFoundError (bucket), ...
+        print(redact(f"error: {args.url}: {type(exc).__name__}: {exc}; credentials and endpoint come from the "
+                     "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)"), file=sys.stderr)
         return 2
     for problem in problems:
         print(redact(f"  - {problem}"))

@@ -1,18 +1,18 @@
 """A real multi-node Ray cluster on this machine: `ray start --head` plus `ray start --address`
 worker nodes, each a separate process tree with its own resources and environment.
 
-    with LocalRayCluster(tmp / "ray", nodes=[NodeSpec("head", cpus=1, env={...}),
-                                             NodeSpec("node2", cpus=1, env={...})]) as cluster:
+    nodes = [NodeSpec("head", cpus=1, env={...}), NodeSpec("node2", cpus=1, env={...})]
+    with LocalRayCluster(tmp / "ray", nodes) as cluster:
         launch --ray-address cluster.address ...
         cluster.node_ids()          # {"head": NodeID, "node2": NodeID}
 
 Every node is started with `ray start --block` in its own session and carries a custom
-resource named after it (its label, e.g. {"node2": 1}), so a test can tell which Ray node
-id is which. The cluster uses Ray's token authentication (on by default for `ray start`
-since Ray 2.5x) with a random token of its own in RAY_AUTH_TOKEN: `cluster.env` is what a
-driver (study/launch.py --ray-address) needs to join it. Stopping kills exactly these process groups, then any process still naming
-this cluster's temp dir: never `ray stop`, which would stop every Ray on the machine (other
-test sessions' too).
+resource named after it (its label, e.g. {"node2": 1}), so a test can tell which Ray node id
+is which. The cluster uses Ray's token authentication (on by default for `ray start` in the
+Ray 2.60 used here) with a random token of its own in RAY_AUTH_TOKEN: `cluster.env` is what
+a driver (study/launch.py --ray-address) needs to join it. Stopping kills exactly these
+process groups, then any process still naming this cluster's temp dir: never `ray stop`,
+which would stop every Ray on the machine (other test sessions' too).
 """
 
 from __future__ import annotations
@@ -76,10 +76,12 @@ class LocalRayCluster:
 
     def _start_node(self, spec: NodeSpec, head: bool) -> None:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        args = [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus", str(spec.cpus), "--num-gpus", "0", "--resources", json.dumps({spec.label: 1})]
+        args = [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus", str(spec.cpus),
+                "--num-gpus", "0", "--resources", json.dumps({spec.label: 1})]
         if head:
             args += ["--head", "--port", str(self.port), "--temp-dir", str(self.temp_dir),
-                     "--include-dashboard", "false", "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
+                     "--include-dashboard", "false", "--node-manager-port", str(free_port()),
+                     "--object-manager-port", str(free_port())]
         else:
             args += ["--address", self.address, "--node-manager-port", str(free_port()),
                      "--object-manager-port", str(free_port())]
