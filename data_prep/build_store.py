@@ -44,7 +44,7 @@ from data_prep.dicom.participants import DicomTreeError, participant_tag, scan_r
 from data_prep.ingest import build, summary_lines
 from data_prep.preprocess import Recipe
 from data_prep.pseudonyms import SaltError, load_salt
-from data_prep.store import StoreError, open_store, read_journal, verify_store
+from data_prep.store import StoreError, is_url, open_store, read_journal, verify_store
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
@@ -87,7 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-space-check", action="store_true",
                    help="start even when the disk has less free space than the slices need "
                         "uncompressed")
-    p.add_argument("--verify", type=Path, metavar="STORE", help="check a store and exit")
+    p.add_argument("--verify", metavar="STORE",
+                   help="check a store (a folder, or a URL such as s3://bucket/study.zarr) and exit")
     return p
 
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.verify is not None:
-        if not args.verify.exists():
+        if not is_url(args.verify) and not Path(args.verify).exists():
             parser.error(f"--verify: {args.verify} does not exist")
         problems = verify_store(args.verify)
         for p in problems:
@@ -181,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.max_rows_without_images <= 1.0:
         errors.append("--max-rows-without-images is a share between 0 and 1, got "
                       f"{args.max_rows_without_images}")
-    if args.out is not None:
+    if args.out is not None and str(args.out).split("/")[0].endswith(":"):  # Path("s3://b/x") is "s3:/b/x"
+        errors.append(f"--out {str(args.out).replace(':/', '://', 1)}: ingest writes a local store (it needs renames, fsync and its "
+                      "journal to resume); build it locally, then copy it up and verify it with "
+                      "`python data_prep/store/upload.py upload LOCAL URL`")
+    elif args.out is not None:
         if args.append and args.overwrite:
             errors.append("--append and --overwrite exclude each other")
         elif args.append and not args.out.exists():

@@ -40,8 +40,10 @@ from study.report import format_table, plot_accuracy, results_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # what trials on other nodes must see of the driver's environment (a local Ray inherits it all)
+# (S3: the endpoint and region, never the keys: each node has its own credentials or role)
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "TUNE_GLOBAL_CHECKPOINT_S", "THIGHMRI_FEATURE_CACHE")
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "TUNE_GLOBAL_CHECKPOINT_S", "THIGHMRI_FEATURE_CACHE",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -73,12 +75,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_and_plan(grid_path: str, overrides: list[str]) -> tuple[GridConfig, object, list[CellPlan]]:
     """Everything that can fail on bad input, before any compute: grid, store, every cell's split."""
-    from data_prep.store import open_store
+    from data_prep.store import StoreError, open_store
 
     grid = load_grid(grid_path, dict(parse_override(o) for o in overrides))
     try:
-        store = open_store(grid.store)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+        store = open_store(grid.store)  # a path, or a URL (s3://...) read through the node's store cache
+    except (FileNotFoundError, ValueError, OSError, StoreError) as exc:
         raise GridError(f"{grid.source}: store {grid.store!r} cannot be opened: {exc}") from exc
     return grid, store, plan_cells(grid, store)
 

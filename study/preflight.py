@@ -8,9 +8,13 @@ the value at fault and what the cluster has:
   which would otherwise leave every trial PENDING for ever);
 - nodes on other machines and a loopback or file tracking URI, which they cannot reach;
 - on every node (a zero-CPU probe task pinned to it): the store opens with the expected
-  content hash, the Tune storage path is the same folder the driver sees (a probe file
-  written here must be visible there), the tracking server answers, and the ResNet18
-  weights the grid asks for (imagenet or a file) can be loaded.
+  content hash (a local path, or a URL such as s3://bucket/study.zarr read with the node's
+  own credentials), the Tune storage path is the same place the driver sees (a probe file
+  or object written here must be visible there; for s3:// through pyarrow, as Tune reads
+  it), the tracking server answers, and the ResNet18 weights the grid asks for (imagenet or
+  a file) can be loaded.
+Messages name the URL and what is wrong; the values of credential variables are redacted
+(data_prep.store.redact), so a message can be logged.
 Grid-only problems (types, ranges, slices per subject) are refused earlier by study.config and
 study.plan.
 """
@@ -63,13 +67,68 @@ def is_loopback(uri: str) -> bool:
     return (parsed.hostname or "") in LOOPBACK_HOSTS
 
 
+def _probe_exists(probe: str) -> bool:
+    """Whether the probe file or object (a path, or a URL Tune's pyarrow filesystem reads) exists."""
+    if "://" not in probe:
+        return Path(probe).exists()
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(probe)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def write_storage_probe(storage_path: str) -> tuple[str | None, str | None]:
+    """(probe file or object written under the storage path, or None; the problem, or None).
+
+    A local path is created and probed with a file; a URL (s3://...) with an object written
+    through pyarrow, the filesystem layer Ray Tune itself uses for storage_path."""
+    name = f".preflight-{uuid.uuid4().hex}"
+    if "://" not in storage_path:
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+        probe = str(Path(storage_path).resolve() / name)
+        Path(probe).write_text("thighmri preflight\n")
+        return probe, None
+    from data_prep.store import redact
+
+    probe = f"{storage_path.rstrip('/')}/{name}"
+    try:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(probe)
+        with fs.open_output_stream(path) as out:
+            out.write(b"thighmri preflight\n")
+    except Exception as exc:  # OSError from S3 (no bucket, access denied, endpoint down), ValueError (scheme)
+        return None, redact(f"storage path {storage_path} cannot be written from the driver "
+                            f"({type(exc).__name__}: {exc}); check the bucket exists and the credentials "
+                            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a role) and AWS_ENDPOINT_URL")
+    return probe, None
+
+
+def remove_storage_probe(probe: str | None) -> None:
+    if probe is None:
+        return
+    try:
+        if "://" not in probe:
+            os.unlink(probe)
+        else:
+            import pyarrow.fs
+
+            fs, path = pyarrow.fs.FileSystem.from_uri(probe)
+            fs.delete_file(path)
+    except Exception:  # a leftover probe is a few bytes; never fail the launch for it
+        pass
+
+
 def probe_node(*, store: str, store_hash: str, probe_file: str | None, tracking_uri: str,
                weights: str, need_weights: bool) -> list[str]:
     """Runs on one node: what this node cannot reach of what every trial needs."""
     import socket
 
+    from data_prep.store import redact
+
     where = socket.gethostname()
     problems = []
+    remote = "://" in store
     try:
         from data_prep.store import open_store
 
@@ -78,11 +137,22 @@ def probe_node(*, store: str, store_hash: str, probe_file: str | None, tracking_
             problems.append(f"{where}: store {store!r} has content hash {found}, the driver's has {store_hash} "
                             "(a different copy of the store)")
     except Exception as exc:
-        problems.append(f"{where}: store {store!r} cannot be opened ({type(exc).__name__}: {exc}); "
-                        "it must be on storage every node mounts at the same path")
-    if probe_file is not None and not Path(probe_file).exists():
-        problems.append(f"{where}: the storage path {str(Path(probe_file).parent)!r} is not the driver's folder "
-                        "(node-local); pass --storage-path on shared storage (NFS, s3://)")
+        problems.append(redact(f"{where}: store {store!r} cannot be opened ({type(exc).__name__}: {exc}); "
+                               + ("every node needs credentials for it in its environment (or a role)" if remote
+                                  else "it must be on storage every node mounts at the same path")))
+    if probe_file is not None:
+        try:
+            seen = _probe_exists(probe_file)
+            why = "" if seen else "the driver's probe is not there"
+        except Exception as exc:
+            seen, why = False, f"{type(exc).__name__}: {exc}"
+        if not seen and "://" not in probe_file:
+            problems.append(f"{where}: the storage path {str(Path(probe_file).parent)!r} is not the driver's folder "
+                            "(node-local); pass --storage-path on shared storage (NFS, s3://)")
+        elif not seen:
+            problems.append(redact(f"{where}: the storage path {probe_file.rsplit('/', 1)[0]} is not readable from "
+                                   f"this node ({why}); every node needs credentials for it in its environment "
+                                   "(or a role) and the same AWS_ENDPOINT_URL"))
     if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https"):
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
@@ -122,11 +192,9 @@ def check_cluster(grid, *, store_hash: str, tracking_uri: str, storage_path: str
         problems.append(f"tracking URI {tracking_uri!r} is local to this machine ({here}), but trials also run on "
                         f"{', '.join(elsewhere)}; point --tracking-uri (or MLFLOW_TRACKING_URI) at a server every "
                         "node reaches")
-    probe_file = None
-    if "://" not in storage_path:
-        Path(storage_path).mkdir(parents=True, exist_ok=True)
-        probe_file = str(Path(storage_path).resolve() / f".preflight-{uuid.uuid4().hex}")
-        Path(probe_file).write_text("thighmri preflight\n")
+    probe_file, problem = write_storage_probe(storage_path)
+    if problem:
+        problems.append(problem)
     weights = grid.train.weights
     need_weights = weights != "none" or any(p.name == "weights" for p in grid.search)
     store = grid.store if "://" in grid.store else str(Path(grid.store).resolve())
@@ -142,9 +210,5 @@ def check_cluster(grid, *, store_hash: str, tracking_uri: str, storage_path: str
             problems.append(f"a node did not answer the preflight probe within {PROBE_TIMEOUT_S:.0f} s "
                             f"({type(exc).__name__}: {exc})")
     finally:
-        if probe_file is not None:
-            try:
-                os.unlink(probe_file)
-            except OSError:
-                pass
+        remove_storage_probe(probe_file)
     return problems

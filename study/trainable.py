@@ -217,7 +217,10 @@ def run_trial(config: dict[str, Any], ctx: CellContext) -> None:
                                                      on_progress=cache_progress(ctx, store))
         built = time.perf_counter() - built
         why_torch = head_trainer_reason(train, how, fit_model, saved=saved, device=device)
-        log_batch(client, run_id, params=params, tags={
+        # slices this trial pushed through the prefix vs found in its node's cache (per-node reuse)
+        reuse = {"feature_cache_computed": how["computed"], "feature_cache_cached": how["cached"]} \
+            if "computed" in how else None
+        log_batch(client, run_id, params=params, metrics=reuse, tags={
             "feature_cache": how["feature_cache"][:250],
             "trainer": "compiled head (study/head_trainer.py)" if why_torch is None
             else f"torch (engine.fit): {why_torch}"[:250]})

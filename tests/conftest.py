@@ -1,5 +1,5 @@
-"""Shared fixtures: a real MLflow tracking server for the session, a real PostgreSQL, and short
-temp dirs for Ray.
+"""Shared fixtures: a real MLflow tracking server for the session, a real PostgreSQL, a real
+S3-compatible server (moto's standalone server), and short temp dirs for Ray.
 
 Tests that log to the server set ``MLFLOW_TRACKING_URI`` themselves (``monkeypatch.setenv``);
 nothing here sets it globally.
@@ -34,6 +34,87 @@ def feature_cache_dir(tmp_path_factory):
         os.environ.pop("THIGHMRI_FEATURE_CACHE", None)
     else:
         os.environ["THIGHMRI_FEATURE_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def store_cache_dir(tmp_path_factory):
+    """Node-local cache of stores on object storage in a temp dir (data_prep/store/remote.py)."""
+    path = tmp_path_factory.mktemp("store_cache")
+    old = os.environ.get("THIGHMRI_STORE_CACHE")
+    os.environ["THIGHMRI_STORE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("THIGHMRI_STORE_CACHE", None)
+    else:
+        os.environ["THIGHMRI_STORE_CACHE"] = old
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1; `env` is what a client needs (credentials
+    from the environment, as on a cluster). The secret is random per session so tests can
+    check that it appears in no log, param or tag."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket `name` (idempotent); returns "s3://name"."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                              aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+        if name not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (`python -m moto.server`, a separate process) for the session."""
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:  # never a skip: the object-storage tests would claim what they did not check
+        pytest.fail("moto[server] not installed; it is in the test extra: pip install -e '.[test]'")
+    port = server.free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.build_opener(urllib.request.ProxyHandler({})).open(endpoint, timeout=2).close()
+                break
+            except urllib.error.HTTPError:  # any HTTP answer: it is up
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not start (exit {proc.poll()}); see {log.name}")
+                time.sleep(0.2)
+        yield S3Server(endpoint=endpoint, access_key="AKIA" + secrets.token_hex(8).upper(),
+                       secret_key=secrets.token_urlsafe(30))
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 @pytest.fixture(scope="session")

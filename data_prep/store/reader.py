@@ -2,6 +2,7 @@
 
     from data_prep.store import open_store
     store = open_store("data/demo.zarr")          # refuses an incomplete store
+    store = open_store("s3://bucket/demo.zarr")   # object storage, read-only (remote.py)
     store.subjects, store.subject_images(0), store.recipe, store.content_hash
 """
 
@@ -17,6 +18,7 @@ import pandas as pd
 import zarr
 
 from data_prep.preprocess import Recipe
+from data_prep.store.remote import default_store_cache, is_url, open_remote_root, redact
 from data_prep.store.schema import NORM_COLUMNS, SCHEMA_VERSION, StoreError, subjects_frame
 
 
@@ -33,7 +35,7 @@ def _read_table(root: zarr.Group, name: str) -> pd.DataFrame:
 class ThighStore:
     """A complete store opened for reading (see module docstring)."""
 
-    path: Path
+    path: Path | str  # a local folder, or the URL of a store on object storage
     root: zarr.Group
     images: zarr.Array
     slice_subject: np.ndarray
@@ -52,13 +54,38 @@ class ThighStore:
         return self.images[start:start + count]
 
 
-def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> ThighStore:
-    """Open a store for reading; raises StoreError if incomplete (unless told otherwise)."""
-    path = Path(path)
+def open_store(path: str | os.PathLike, *, require_complete: bool = True,
+               cache_dir: str | os.PathLike | None | bool = True) -> ThighStore:
+    """Open a store for reading; raises StoreError if incomplete (unless told otherwise).
+
+    Args:
+        path: a local folder, or an fsspec URL (s3://bucket/study.zarr; credentials from the
+            environment). A URL is opened read-only.
+        require_complete: refuse a store whose build has not finished.
+        cache_dir: for a URL, the node-local cache root of its data objects (remote.py):
+            True = $THIGHMRI_STORE_CACHE or ~/.cache/thighmri/stores, None/False = no cache.
+            Ignored for a local path.
+    """
+    if is_url(path):
+        cache = default_store_cache() if cache_dir is True else (cache_dir or None)
+        try:
+            return _open_root(open_remote_root(str(path), cache_dir=cache), str(path), require_complete)
+        except StoreError:
+            raise
+        except Exception as exc:  # s3fs / botocore: no credentials, access denied, endpoint down, ...
+            raise StoreError(redact(f"{path} cannot be read from its object storage "
+                                    f"({type(exc).__name__}: {exc}); credentials and endpoint come from the "
+                                    "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)")
+                             ) from exc
+    path = Path(str(path).removeprefix("file://"))
     try:
         root = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{path} is not a Zarr store (no group found)") from exc
+    return _open_root(root, path, require_complete)
+
+
+def _open_root(root: zarr.Group, path: Path | str, require_complete: bool) -> ThighStore:
     attrs = dict(root.attrs)
     if require_complete and attrs.get("complete") is not True:
         raise StoreError(

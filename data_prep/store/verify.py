@@ -2,6 +2,7 @@
 
     from data_prep.store import verify_store
     problems = verify_store("data/demo.zarr")     # [] when all is well
+    problems = verify_store("s3://bucket/demo.zarr")  # a copy on object storage, read in full
 
 `python data_prep/build_store.py --verify STORE` prints the problems and exits 1 if any.
 Reads the store through reader.py (open_store) and checks it against schema.py (columns,
@@ -19,6 +20,7 @@ import zarr
 
 from data_prep.store.journal import JOURNAL
 from data_prep.store.reader import ThighStore, open_store
+from data_prep.store.remote import exists, is_url
 from data_prep.store.schema import (HASH_BLOCK, REASONS, REPORT_COLUMNS, SPACING_COLUMNS,
                                     SUBJECT_COLUMNS, StoreError, content_hash, slice_digests)
 from data_prep.store.shards import STAGING, shard_index_nbytes, written_inner_chunks
@@ -36,18 +38,18 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     recorded one. All problems are listed at once.
     """
     try:
-        store = open_store(path, require_complete=False)
-    except (StoreError, KeyError, ValueError) as exc:
+        store = open_store(path, require_complete=False, cache_dir=None)  # a URL: read every byte from there
+    except (StoreError, KeyError, ValueError, OSError) as exc:
         return [f"cannot open: {exc}"]
     problems: list[str] = []
     a = store.attrs
     if a.get("complete") is not True:
         problems.append("store is incomplete ('complete' attribute not set): rerun its build "
                         "command to resume it")
-    if (Path(path) / JOURNAL).exists():
+    if _has(path, JOURNAL):
         problems.append(f"a build journal ({JOURNAL}) is present: a build or append is "
                         "unfinished or was interrupted")
-    if (Path(path) / STAGING).exists():
+    if _has(path, STAGING):
         problems.append(f"a build staging folder ({STAGING}) is present: a build or append "
                         "is unfinished or was interrupted")
     for key in ("recipe", "measures", "cohorts", "counts", "ingest_problems", "content_hash",
@@ -114,6 +116,11 @@ def verify_store(path: str | os.PathLike) -> list[str]:
                                 f"recomputed {actual}")
                 problems += _changed_slices(store)
     return problems
+
+
+def _has(path: str | os.PathLike, name: str) -> bool:
+    """Whether the store at a path or URL holds `name` (a file or folder)."""
+    return exists(str(path), name) if is_url(path) else (Path(path) / name).exists()
 
 
 def _check_subjects(store: ThighStore, subjects: pd.DataFrame, n: int) -> list[str]:
