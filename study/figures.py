@@ -78,6 +78,8 @@ def study_figures(journal: Path, study_name: str, out_dir: Path, suffix: str = "
             paths.append(_save(ovm.plot_slice(study, target_name=TARGET_NAME), out_dir / f"slice{suffix}.png"))
         if len(complete) < 2:
             skipped[f"param_importances{suffix}"] = (f"{len(complete)} completed trial(s); importances need at least 2")
+        elif len({t.value for t in complete}) < 2:
+            skipped[f"param_importances{suffix}"] = "every completed trial has the same score: nothing to attribute"
         elif not varied:
             skipped[f"param_importances{suffix}"] = ("no searched parameter took more than one value "
                                                      "in the completed trials")

@@ -167,7 +167,7 @@ def open_launch(client, grid: GridConfig, store, plans: list[CellPlan], *, exp_i
             labels=plan.labels, threshold=plan.threshold, threshold_rule=plan.threshold_rule,
             direction=plan.direction, tracking_uri=client.tracking_uri, experiment_id=exp_id, cell_run_id=cell_run,
             cpus_per_trial=grid.resources_per_trial.cpu, gpus_per_trial=grid.resources_per_trial.gpu,
-            protocol=grid.protocol, checkpoint_interval_s=grid.checkpoint_interval_s, select_on=grid.select_on,
+            protocol=plan.protocol, checkpoint_interval_s=grid.checkpoint_interval_s, select_on=grid.select_on,
             report_each_epoch=grid.scheduler != "none", outer_folds=tuple(plan.outer_folds)))
     return launch_id, storage_path, kept, contexts
 

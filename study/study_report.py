@@ -111,6 +111,7 @@ def pairs_html(pairs: list[dict[str, Any]]) -> str:
 
 
 def _cell_figures(client, run_id: str, tmp: Path) -> list[Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
     try:
         local = client.download_artifacts(run_id, FIGURES_DIR, str(tmp))
     except Exception:  # a cell that failed before its figures
@@ -134,7 +135,9 @@ def cell_section(client, row: dict[str, Any], link: str | None, tmp: Path) -> st
     run = client.get_run(run_id)
     figs = _cell_figures(client, run_id, tmp / str(run_id))
     if figs:
-        out.append('<div class="figs">' + "".join(_img(p, p.stem) for p in figs) + "</div>")
+        out.append('<div class="figs">' + "".join(
+            f"<figure style='display:inline-block;margin:0'>{_img(p, p.stem)}<figcaption class='note'>"
+            f"{html.escape(p.stem)}</figcaption></figure>" for p in figs) + "</div>")
     skipped = {k[len(SKIP_TAG):]: v for k, v in run.data.tags.items() if k.startswith(SKIP_TAG)}
     for fig, why in sorted(skipped.items()):
         out.append(f"<p class='note'>{html.escape(fig)} not drawn: {html.escape(why)}</p>")
