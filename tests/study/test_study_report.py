@@ -37,9 +37,13 @@ def test_study_figures_drawn_or_skipped_with_reason(tmp_path):
     assert {p.name for p in paths} == {"optimization_history_outer1.png", "slice_outer1.png"}
     assert "at least 2" in skipped["param_importances_outer1"]
 
-    _study(tmp_path / "c.log", "c", 3, params=lambda t: {"freeze": t.suggest_categorical("freeze", ["none"])})
+    _study(tmp_path / "c.log", "c", 3, params=lambda t: {"freeze": t.suggest_categorical("freeze", ["none"]),
+                                                          "score": float(t.number)})
     _, skipped = figures.study_figures(tmp_path / "c.log", "c", tmp_path)
     assert "more than one value" in skipped["param_importances"]
+    _study(tmp_path / "d.log", "d", 3, params=lambda t: {"lr": t.suggest_float("lr", 0.1, 0.2), "score": -t.params["lr"]})
+    _, skipped = figures.study_figures(tmp_path / "d.log", "d", tmp_path)
+    assert "same score" in skipped["param_importances"]
 
 
 def test_prediction_figures(tmp_path):
