@@ -82,7 +82,7 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, j
     biases TPE towards configurations that look good early; Optuna's own pruned state excludes them.
     The journal is written as trials are told, so after a driver is killed it may be ahead of
     Tune's snapshot: a restored trial that the journal already has as finished is not told twice
-    (Optuna refuses that), and `close_journal` fails the trials asked but lost with the driver.
+    (Optuna refuses values for it), and `close_journal` fails the trials asked but lost with the driver.
     """
     import pickle
 
@@ -99,6 +99,11 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, j
                 self._completed_trials.add(trial_id)
                 return True
             return False
+
+        def on_trial_result(self, trial_id, result):
+            if self._told_before(trial_id):  # Optuna refuses values for a finished trial
+                return
+            super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if self._told_before(trial_id):

@@ -73,7 +73,8 @@ def test_searcher_journal_survives_restore_elsewhere_and_double_tell(tmp_path):
 
     restored = _pruned_aware_searcher(space, seed=1, startup=2, max_epochs=0, journal=journal, study_name="cell_a")
     restored.restore(str(snapshot))
-    restored.on_trial_complete("t2", {"best_val_score": 0.7, "training_iteration": 3})  # Tune reruns t2: no error
+    restored.on_trial_result("t2", {"best_val_score": 0.7, "training_iteration": 3})  # Tune reruns t2: no error
+    restored.on_trial_complete("t2", {"best_val_score": 0.7, "training_iteration": 3})
     restored.on_trial_complete("t3", {"best_val_score": 0.5, "training_iteration": 3})
     study = optuna.load_study(study_name="cell_a", storage=journal_storage(journal))
     assert [t.value for t in study.trials] == [0.6, 0.7, 0.5]
