@@ -177,14 +177,15 @@ def plot_strata(df: pd.DataFrame, out: Path, title: str) -> Path:
         group = group.reset_index(drop=True)
         x = np.arange(len(group))
         for k, (col, label, color) in enumerate(bars):
-            values = pd.to_numeric(group[col], errors="coerce")
+            values = pd.to_numeric(group[col], errors="coerce").to_numpy()
+            has = np.isfinite(values)  # a cell without a result (or this baseline) draws nothing
             err = None
             lo, hi = f"{col}_ci_low", f"{col}_ci_high"
             if lo in group and hi in group:
-                err = np.vstack([values - pd.to_numeric(group[lo], errors="coerce"),
-                                 pd.to_numeric(group[hi], errors="coerce") - values]).clip(min=0)
-                err = np.nan_to_num(err)
-            ax.bar(x + (k - 1) * 0.27, values.fillna(0), 0.27, yerr=err, capsize=3, color=color,
+                err = np.nan_to_num(np.vstack([values - pd.to_numeric(group[lo], errors="coerce").to_numpy(),
+                                               pd.to_numeric(group[hi], errors="coerce").to_numpy() - values])
+                                    .clip(min=0))[:, has]
+            ax.bar(x[has] + (k - 1) * 0.27, values[has], 0.27, yerr=err, capsize=3, color=color,
                    label=label, alpha=0.9 if k == 0 else 0.7)
         for i, r in group.iterrows():
             text = (f"p={_p(r['test_vs_baseline_p'])}\nHolm {_p(r['test_vs_baseline_p_holm'])}" if r["status"] == "ok"

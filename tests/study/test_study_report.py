@@ -172,3 +172,20 @@ def test_launch_leaves_journals_figures_and_a_self_contained_report(two_cohort_s
     assert "accuracy_by_stratum.png" in {a.path for a in client.list_artifacts(launch_run.info.run_id)}
     subject_ids = __import__("data_prep.store", fromlist=["open_store"]).open_store(two_cohort_store).subjects["subject_id"]
     assert not any(s in text for s in subject_ids), "a subject pseudonym in the report"
+
+
+def test_strata_plot_keeps_every_stratum_and_a_failed_one(tmp_path):
+    """Figure 3 per stratum: a panel per cohort and measure, a group per stratum; a cell without
+    a result keeps its place (no bars, its status), NaN baselines draw nothing and do not crash."""
+    from study.report import plot_strata, results_table
+
+    ok = dict(measure="leg_strength", bmi="all", status="ok", test_acc=0.7, test_acc_ci_low=0.6, test_acc_ci_high=0.8,
+              test_baseline_acc=0.55, size_age_test_acc=float("nan"), test_vs_baseline_p=0.03)
+    rows = [dict(ok, cell=f"{c}__{s}", cohort=c, sex=s) for c in ("oai", "somma") for s in ("all", "male")]
+    rows.append(dict(cell="oai__female", cohort="oai", measure="leg_strength", sex="female", bmi="all",
+                     status="failed: RuntimeError: no trial finished"))
+    out = plot_strata(results_table(rows), tmp_path / "strata.png", "Does it work?")
+    from PIL import Image
+
+    width, height = Image.open(out).size
+    assert height > 500 and width > 600  # two panels, three groups in the wider one
