@@ -8,6 +8,7 @@ MLflow server); one slow test runs a real short launch and checks everything it 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -155,7 +156,7 @@ def test_launch_leaves_journals_figures_and_a_self_contained_report(two_cohort_s
         for path in journals:  # each loads back with exactly the search's trials, all complete
             local = client.download_artifacts(rid, path, str(tmp_path / rid))
             name = path.split("/")[-1].removesuffix(".journal.log")
-            study = optuna.load_study(study_name=name, storage=journal_storage(local))
+            study = optuna.load_study(study_name=name, storage=journal_storage(Path(local)))
             assert [t.state.name for t in study.trials] == ["COMPLETE"] * trials
     assert nested == 1, "the female stratum is small enough for nested CV"
     report = reports / launch_run.info.run_id / "report.html"
