@@ -159,12 +159,24 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
     tracking.log_params(client, ctx.cell_run_id, chosen_params)
     tracking.log_json(client, ctx.cell_run_id, {k: np.asarray(v).tolist() for k, v in predictions.items()},
                       PREDICTIONS_FILE)
+    log_figures(client, ctx.cell_run_id, predictions, partition)
     model_uri = log_cell_model(ctx, model, chosen, summary)
     lap("log_model")
     tracking.log_metrics(client, ctx.cell_run_id, seconds)
     client.set_tag(ctx.cell_run_id, "model_uri", model_uri)
     return {"cell": ctx.cell.name, **ctx.cell.axes, **summary, "model_uri": model_uri,
             "reported_partition": partition, "cell_run_id": ctx.cell_run_id, "status": "ok", **chosen_params}
+
+
+def log_figures(client, run_id: str, predictions: dict, partition: str) -> None:
+    """ROC curve and confusion matrix of the reported subjects (study/figures.py); a figure that
+    fails is tagged `figures_error`, the cell's result stands."""
+    from study import figures
+
+    try:
+        figures.log_prediction_figures(client, run_id, predictions, partition)
+    except Exception as exc:
+        client.set_tag(run_id, "figures_error", f"{type(exc).__name__}: {exc}"[:5000])
 
 
 def log_cell_model(ctx: CellContext, model, chosen: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -231,6 +243,7 @@ def finish_nested_cell(ctx: CellContext, grid: GridConfig, client, searched: lis
     order = np.argsort(np.concatenate([p["rows"] for p in preds]), kind="stable")
     pooled = {k: np.concatenate([p[k] for p in preds])[order] for k in ("rows", "labels", "probs")}
     tracking.log_json(client, ctx.cell_run_id, {k: v.tolist() for k, v in pooled.items()}, PREDICTIONS_FILE)
+    log_figures(client, ctx.cell_run_id, pooled, "test")
     chosen_params = {f"best.{k}": v for k, v in dataclasses.asdict(chosen["train"]).items()
                      if k in {p.name for p in grid.search}}
     tracking.log_params(client, ctx.cell_run_id, chosen_params)

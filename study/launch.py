@@ -36,14 +36,14 @@ from pathlib import Path
 from study.config import GridConfig, GridError, load_grid, parse_override
 from study.plan import CellPlan, PlanError, plan_cells
 from study.launch_stats import close_statistics, format_pairs
-from study.report import format_table, plot_accuracy, results_table
+from study.report import STRATA_PLOT, format_table, plot_accuracy, plot_strata, results_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # what trials on other nodes must see of the driver's environment (a local Ray inherits it all)
 # (S3: the endpoint and region, never the keys: each node has its own credentials or role)
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "TUNE_GLOBAL_CHECKPOINT_S", "THIGHMRI_FEATURE_CACHE",
-                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+                 "THIGHMRI_SOURCE_COMMIT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Ray Tune results and checkpoints (one folder per launch below it); must be shared "
                         "(NFS, s3://) on a multi-node cluster")
     p.add_argument("--results", default=None, help="write the per-cell results table (CSV) here")
+    p.add_argument("--report-dir", default=os.environ.get("THIGHMRI_REPORT_DIR", str(REPO_ROOT / "runs" / "reports")),
+                   help="the launch's HTML study report is written to <report-dir>/<launch run id>/report.html "
+                        "(also logged on the launch run)")
     p.add_argument("--dry-run", action="store_true", help="validate the grid and store, print the cells, run nothing")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_ID",
@@ -124,6 +127,7 @@ def open_launch(client, grid: GridConfig, store, plans: list[CellPlan], *, exp_i
     from study import evaluation, resume, tracking
     from study.trainable import CellContext
 
+    store_path = str(Path(grid.store).resolve()) if "://" not in grid.store else grid.store
     if prior is not None:
         launch_id, storage_path = prior.run_id, prior.storage_path
         resume.reopen(client, exp_id, prior)
@@ -140,9 +144,9 @@ def open_launch(client, grid: GridConfig, store, plans: list[CellPlan], *, exp_i
                                                 "threshold": grid.threshold, "storage_path": storage_path,
                                                 "recipe": json.dumps(store.recipe.to_dict())})
         tracking.log_json(client, launch_id, grid.to_dict(), "resolved_grid.json")
+        tracking.log_store_input(client, launch_id, store_path, store.content_hash)
         cell_runs = {}
     kept, contexts = {}, []
-    store_path = str(Path(grid.store).resolve()) if "://" not in grid.store else grid.store
     for plan in plans:
         run = cell_runs.get(plan.cell.name)
         if run is not None and run.info.status == "FINISHED" and "model_uri" in run.data.tags:
@@ -161,18 +165,25 @@ def open_launch(client, grid: GridConfig, store, plans: list[CellPlan], *, exp_i
                                                    "direction": plan.direction, "store_hash": store.content_hash,
                                                    "split_seed": grid.split.seed})
             tracking.log_metrics(client, cell_run, plan.counts())
+            tracking.log_store_input(client, cell_run, store_path, store.content_hash)
         contexts.append(CellContext(
             cell=plan.cell, store=store_path, store_hash=store.content_hash, train=plan.train or grid.train, split=plan.split,
             labels=plan.labels, threshold=plan.threshold, threshold_rule=plan.threshold_rule,
             direction=plan.direction, tracking_uri=client.tracking_uri, experiment_id=exp_id, cell_run_id=cell_run,
             cpus_per_trial=grid.resources_per_trial.cpu, gpus_per_trial=grid.resources_per_trial.gpu,
-            protocol=grid.protocol, checkpoint_interval_s=grid.checkpoint_interval_s, select_on=grid.select_on,
+            protocol=plan.protocol, checkpoint_interval_s=grid.checkpoint_interval_s, select_on=grid.select_on,
             report_each_epoch=grid.scheduler != "none", outer_folds=tuple(plan.outer_folds)))
     return launch_id, storage_path, kept, contexts
 
 
-def write_results(client, launch_id: str, grid: GridConfig, rows: list[dict]):
-    """The per-cell table and plot, logged on the launch run; returns the table."""
+def write_results(client, launch_id: str, grid: GridConfig, rows: list[dict], *, report=None):
+    """The per-cell table and plots, logged on the launch run; returns the table.
+
+    Args:
+        report: keyword arguments of study.study_report.write_report but the table and figures
+            (out_dir, experiment_id, tracking_uri, settings, pairs): the HTML report is written
+            there and logged too (a failure is tagged `report_error` and printed, not raised).
+    """
     from study import tracking
 
     df = results_table(rows, family_by=grid.multiplicity_family)
@@ -180,8 +191,23 @@ def write_results(client, launch_id: str, grid: GridConfig, rows: list[dict]):
         df.to_csv(Path(tmp) / "cells.csv", index=False)
         (Path(tmp) / "cells.txt").write_text(format_table(df) + "\n")
         plot_accuracy(df, Path(tmp) / "accuracy_vs_baseline.png", grid.question)
-        for name in ("cells.csv", "cells.txt", "accuracy_vs_baseline.png"):
+        plot_strata(df, Path(tmp) / STRATA_PLOT, grid.question)
+        for name in ("cells.csv", "cells.txt", "accuracy_vs_baseline.png", STRATA_PLOT):
             tracking.log_file(client, launch_id, Path(tmp) / name)
+        if report is not None:
+            from study.study_report import write_report
+
+            figures = {"Figure 3 per stratum: accuracy (95% CI) beside the majority-class and size+age baselines":
+                       Path(tmp) / STRATA_PLOT,
+                       "Every cell: test accuracy (95% CI), baselines, validation accuracy":
+                       Path(tmp) / "accuracy_vs_baseline.png"}
+            try:
+                path = write_report(client, grid=grid, df=df, launch_id=launch_id, figures=figures, **report)
+                tracking.log_file(client, launch_id, path)
+                df.attrs["report_path"] = str(path)
+            except Exception as exc:  # the table and plots above stand without it
+                print(f"warning: the HTML report failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                client.set_tag(launch_id, "report_error", f"{type(exc).__name__}: {exc}"[:5000])
     n_ok = int((df["status"] == "ok").sum())
     tracking.log_metrics(client, launch_id, {"cells_ok": n_ok, "cells_failed": len(df) - n_ok})
     return df
@@ -266,7 +292,14 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
         except Exception as exc:  # the cells' own results still stand; say what is missing
             print(f"warning: multiplicity / paired comparisons failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             client.set_tag(launch_id, "statistics_error", f"{type(exc).__name__}: {exc}"[:5000])
-        df = write_results(client, launch_id, grid, ordered)
+        settings = {"launch run": launch_id, "store": grid.store, "store content hash": store.content_hash,
+                    "code version": tracking.code_version(), "storage path": storage_path,
+                    "overrides (--set)": " ".join(args.overrides) or "none", "protocol": grid.protocol,
+                    "selection metric": grid.select_on, "trials per cell": grid.trials_per_cell,
+                    "cells": len(plans), "epochs": grid.train.epochs, "weights": grid.train.weights}
+        df = write_results(client, launch_id, grid, ordered, report={
+            "out_dir": Path(args.report_dir) / launch_id, "experiment_id": exp_id, "tracking_uri": tracking_uri,
+            "settings": settings, "pairs": pairs})
         if signum is not None:
             tracking.end_open_tree(client, exp_id, launch_id)
             client.set_terminated(launch_id, "KILLED")
@@ -283,6 +316,8 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.results, index=False)
     print(f"\n{len(df)} cell(s) in {time.time() - t0:.0f} s. MLflow UI: {ui_link(tracking_uri, exp_id, launch_id)}")
+    if df.attrs.get("report_path"):
+        print(f"report: {df.attrs['report_path']}")
     if signum is not None:
         unfinished = int((df["status"] != "ok").sum())
         print(f"stopped by {__import__('signal').Signals(signum).name}: {unfinished} cell(s) unfinished. "
@@ -302,10 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(grid, store, plans)
     if args.dry_run:
         return 0
-    from study.tracking import resolve_tracking_uri
+    from study.tracking import COMMIT_ENV, code_version, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # Ray workers inherit it
+    os.environ.setdefault(COMMIT_ENV, code_version())  # every run's mlflow.source.git.commit
     # one "View run" line per cell and trial buries the results table; the launch prints
     # the launch run's UI link instead (set this to false to get them back)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -10,7 +10,8 @@ cell's model on its subjects. Once the runner is done (or stopped), this:
   logs `test_vs_baseline_p_holm`, `_bh` and the family on each cell run;
 - scores the pooled cell's model on each stratum cell's test subjects and logs the paired
   difference (stratum - pooled) on the stratum cell's run (study/compare.py), read back from
-  the per-subject predictions each cell logged (`test_predictions.json`);
+  the per-subject predictions each cell logged (`test_predictions.json`); a stratum run under
+  nested CV beside a holdout pooled cell has no paired subjects (tag `comparisons_skipped`);
 - compares the measures of one cohort and stratum on the test subjects they share, logged
   on the launch run as `measure_differences.csv`.
 It runs on every cell with a result, including cells kept from before a --resume, so the
@@ -77,7 +78,7 @@ def close_statistics(client, launch_id: str, grid: GridConfig, plans: list[CellP
         (the rows with the adjusted p-values and the stratum comparisons added, the
         measure-pair comparisons).
     """
-    from study.compare import launch_comparisons
+    from study.compare import launch_comparisons, pooled_cell
     from study.evaluation import load_predictions
 
     by_name = {p.cell.name: p for p in plans}
@@ -87,7 +88,17 @@ def close_statistics(client, launch_id: str, grid: GridConfig, plans: list[CellP
             got = load_predictions(client, r["cell_run_id"])
             if got is not None:
                 predictions[by_name[r["cell"]].cell] = got
-    per_cell, pairs = launch_comparisons(predictions, seed=grid.split.seed)
+    # a stratum run under nested CV (small_cells: nested_cv) tests all its subjects, its pooled
+    # cell (holdout) only its test set: no paired comparison exists; the cell run says so
+    protocol = {p.cell: p.protocol for p in plans}
+    apart = {c for c in predictions if protocol[c] != protocol.get(pooled_cell(c), protocol[c])}
+    for cell in apart:
+        run_id = next(r["cell_run_id"] for r in rows if r["cell"] == cell.name)
+        client.set_tag(run_id, "comparisons_skipped",
+                       f"{protocol[cell]} stratum beside a {protocol[pooled_cell(cell)]} pooled cell: "
+                       "their test subjects are not paired")
+    per_cell, pairs = launch_comparisons({c: v for c, v in predictions.items() if c not in apart},
+                                         seed=grid.split.seed)
     rows = [{**r, **per_cell.get(r["cell"], {})} for r in rows]
     rows = adjust_rows(rows, grid.multiplicity_family)
     for r in rows:

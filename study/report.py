@@ -141,3 +141,68 @@ def plot_accuracy(df: pd.DataFrame, out: Path, title: str) -> Path:
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+STRATUM_AXES = ("sex", "bmi")  # a cell's stratum within its cohort and measure (the grid's other axes)
+STRATA_PLOT = "accuracy_by_stratum.png"
+
+
+def _stratum_label(r) -> str:
+    parts = [f"{a}={r[a]}" for a in STRATUM_AXES if a in r and pd.notna(r[a])]
+    return "\n".join(parts) if parts else str(r["cell"])
+
+
+def plot_strata(df: pd.DataFrame, out: Path, title: str) -> Path:
+    """The seed's Figure 3 for every stratum: one panel per cohort and measure, in it one group
+    per stratum (sex x BMI) of three bars: the CNN's test accuracy with its 95% CI, the
+    majority-class baseline (the larger training class's share of the test subjects) and the
+    size+age baseline (logistic regression on thigh areas, sex and age; its 95% CI), with the
+    exact McNemar p against the majority baseline (raw / Holm) above each group. A cell without
+    a result keeps its place, with its status instead of bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = df.reset_index(drop=True)  # every stratum; one without a result says so in its place
+    panel_keys = [a for a in ("cohort", "measure") if a in ok]
+    panels = list(ok.groupby(panel_keys, sort=False)) if panel_keys and len(ok) else [((), ok)]
+    width = max(6.0, 1.3 * max((len(g) for _, g in panels), default=1) + 2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.4 * len(panels) + 1.2), squeeze=False)
+    bars = (("test_acc", "CNN test accuracy (95% CI)", "C0"),
+            ("test_baseline_acc", "majority-class baseline", "C3"),
+            ("size_age_test_acc", "size+age baseline (95% CI)", "C2"))
+    for ax, (key, group) in zip(axes[:, 0], panels):
+        group = group.reset_index(drop=True)
+        x = np.arange(len(group))
+        for k, (col, label, color) in enumerate(bars):
+            values = pd.to_numeric(group[col], errors="coerce").to_numpy()
+            has = np.isfinite(values)  # a cell without a result (or this baseline) draws nothing
+            err = None
+            lo, hi = f"{col}_ci_low", f"{col}_ci_high"
+            if lo in group and hi in group:
+                err = np.nan_to_num(np.vstack([values - pd.to_numeric(group[lo], errors="coerce").to_numpy(),
+                                               pd.to_numeric(group[hi], errors="coerce").to_numpy() - values])
+                                    .clip(min=0))[:, has]
+            ax.bar(x[has] + (k - 1) * 0.27, values[has], 0.27, yerr=err, capsize=3, color=color,
+                   label=label, alpha=0.9 if k == 0 else 0.7)
+        for i, r in group.iterrows():
+            text = (f"p={_p(r['test_vs_baseline_p'])}\nHolm {_p(r['test_vs_baseline_p_holm'])}" if r["status"] == "ok"
+                    else "no result:\n" + textwrap.shorten(str(r["status"]), 24, placeholder="..."))
+            ax.annotate(text, xy=(i, 1.0), ha="center", va="bottom", fontsize=7,
+                        color="black" if r["status"] == "ok" else "C3")
+        ax.set_xticks(x, [_stratum_label(r) for _, r in group.iterrows()], fontsize=8)
+        ax.set_ylim(0, 1.15)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.axhline(0.5, color="lightgrey", lw=1, zorder=0)
+        ax.set_ylabel("subject-level accuracy")
+        name = " / ".join(str(v) for v in (key if isinstance(key, tuple) else (key,)))
+        ax.set_title(name or "cells", fontsize=9, loc="left")
+    axes[0, 0].legend(loc="lower center", bbox_to_anchor=(0.5, 1.12), ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(textwrap.fill(title, 90), fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -6,12 +6,22 @@ gets its own `Tuner` with its own Optuna study (seeded from the cell's name), ru
 When a cell's search ends, the task evaluates the trial chosen on validation subjects once
 on the cell's held-out test subjects (study/evaluation.py). A resumed launch restores each
 unfinished cell's Tune experiment from the launch's storage folder (`build_tuner`).
+
+Each search's Optuna study lives in a journal file (Optuna's JournalStorage on a
+JournalFileBackend, study name = the experiment's name): `<storage_path>/<name>/optuna_journal.log`
+when the storage is a local or shared folder, else a local folder of the cell task's node
+(`journal_path`). The searcher's Tune snapshot carries the journal's bytes as well, so a resume
+on a node without the file starts from the snapshot's journal. After the search the journal is
+logged on the cell run under `optuna/` (`optuna-dashboard <file>` opens it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import tempfile
 import zlib
+from pathlib import Path
 from typing import Any
 
 from study.config import GridConfig, SearchParam
@@ -39,18 +49,65 @@ def cell_seed(cell_name: str, split_seed: int) -> int:
     return (zlib.crc32(cell_name.encode()) + split_seed) % (2**31)
 
 
-def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int):
-    """OptunaSearch that tells Optuna about scheduler-stopped trials as PRUNED, not COMPLETE.
+JOURNAL_FILE = "optuna_journal.log"
+JOURNAL_ARTIFACT_DIR = "optuna"  # on the cell run: optuna/<study name>.journal.log
+
+
+def journal_path(storage_path: str, name: str) -> Path:
+    """Where the search `name`'s Optuna journal lives while it runs: beside its Tune experiment
+    when the storage is a folder; for object storage (s3://...), which cannot hold a locked,
+    appended file, in a local folder of the node (the Tune snapshot carries a copy)."""
+    if storage_path.startswith("file://"):
+        storage_path = storage_path[len("file://"):]
+    if "://" in storage_path:
+        key = hashlib.sha256(storage_path.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "thighmri-optuna" / key / name / JOURNAL_FILE
+    return Path(experiment_path(storage_path, name)) / JOURNAL_FILE
+
+
+def journal_storage(path: Path):
+    """Optuna's JournalStorage on a journal file (created with its folder if absent)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, journal: Path, study_name: str):
+    """OptunaSearch on a journal-file study that tells Optuna about scheduler-stopped trials as
+    PRUNED, not COMPLETE.
 
     Ray reports an early-stopped trial's last (truncated) value as a completed result, which
     biases TPE towards configurations that look good early; Optuna's own pruned state excludes them.
+    The journal is written as trials are told, so after a driver is killed it may be ahead of
+    Tune's snapshot: a restored trial that the journal already has as finished is not told twice
+    (Optuna refuses values for it), and `close_journal` fails the trials asked but lost with the driver.
     """
+    import pickle
+
     import optuna
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
     class PrunedAwareOptunaSearch(OptunaSearch):
+        def _told_before(self, trial_id) -> bool:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None or trial_id in self._completed_trials:
+                return False
+            if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+                self._completed_trials.add(trial_id)
+                return True
+            return False
+
+        def on_trial_result(self, trial_id, result):
+            if self._told_before(trial_id):  # Optuna refuses values for a finished trial
+                return
+            super().on_trial_result(trial_id, result)
+
         def on_trial_complete(self, trial_id, result=None, error=False):
+            if self._told_before(trial_id):
+                return
             stopped_early = (result and not error and trial_id in self._ot_trials
                              and trial_id not in self._completed_trials
                              and result.get("training_iteration", max_epochs) < max_epochs)
@@ -60,8 +117,52 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int):
                 return
             super().on_trial_complete(trial_id, result=result, error=error)
 
+        def save(self, checkpoint_path: str):
+            state = self.__dict__.copy()
+            state["_journal_bytes"] = journal.read_bytes() if journal.exists() else b""
+            with open(checkpoint_path, "wb") as fh:
+                pickle.dump(state, fh)
+
+        def restore(self, checkpoint_path: str):
+            with open(checkpoint_path, "rb") as fh:
+                state = pickle.load(fh)
+            saved = state.pop("_journal_bytes", b"")
+            if saved and not journal.exists():  # resumed on a node without the file
+                journal.parent.mkdir(parents=True, exist_ok=True)
+                journal.write_bytes(saved)
+            self.__dict__.update(state)
+
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-    return PrunedAwareOptunaSearch(space=space, metric="best_val_score", mode="max", sampler=sampler)
+    return PrunedAwareOptunaSearch(space=space, metric="best_val_score", mode="max", sampler=sampler,
+                                   storage=journal_storage(journal), study_name=study_name)
+
+
+def close_journal(path: Path, study_name: str) -> int:
+    """After a search that ran to its end: fail the trials the journal still has as running
+    (asked by a driver that was killed before Tune saved them; Tune asked again on resume).
+    Returns how many; each gets the user attribute `closed_because`."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = journal_storage(path)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    lost = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for t in lost:
+        storage.set_trial_user_attr(t._trial_id, "closed_because",
+                                    "asked before the launch driver was killed; never run (asked again on resume)")
+        study.tell(t.number, state=TrialState.FAIL)
+    return len(lost)
+
+
+def log_journals(client, run_id: str, journals: list[tuple[str, Path]]) -> None:
+    """Each search's journal on the cell run as optuna/<study name>.journal.log."""
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in journals:
+            target = Path(tmp) / f"{name}.journal.log"
+            shutil.copyfile(path, target)
+            client.log_artifact(run_id, str(target), JOURNAL_ARTIFACT_DIR)
 
 
 def cell_trainable(cell_name: str):
@@ -119,6 +220,7 @@ def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_co
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False), True
     searcher = _pruned_aware_searcher(optuna_space(grid.search),
                                       seed=cell_seed(name, grid.split.seed),
+                                      journal=journal_path(storage_path, name), study_name=name,
                                       startup=grid.optuna_startup_trials,
                                       # only a scheduler stops trials early; without one nothing is pruned
                                       max_epochs=grid.train.epochs if grid.scheduler == "asha" else 0)
@@ -174,10 +276,12 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
                         "status": "interrupted"}
             searched.append((fold_ctx, results))
         tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
+        journals = study_journals(ctx, storage_path)
         if ctx.outer_folds:
             row = evaluation.finish_nested_cell(ctx, grid, client, searched)
         else:
             row = evaluation.finish_cell(ctx, grid, client, searched[0][1])
+        log_study_record(client, ctx.cell_run_id, journals)
         status = "FINISHED"
         return row
     except Exception as exc:  # one failing cell must not take the other cells' results with it
@@ -188,6 +292,33 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
         if status == "KILLED":
             tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
         client.set_terminated(ctx.cell_run_id, status)
+
+
+def search_names(ctx: CellContext) -> list[str]:
+    """The cell's searches (Tune experiments and Optuna studies): its name, or one per outer fold."""
+    if not ctx.outer_folds:
+        return [ctx.cell.name]
+    return [f"{ctx.cell.name}__outer{f.index}" for f in ctx.outer_folds]
+
+
+def study_journals(ctx: CellContext, storage_path: str) -> list[tuple[str, Path]]:
+    """(study name, journal file) of each of the cell's finished searches, lost trials closed."""
+    journals = [(name, journal_path(storage_path, name)) for name in search_names(ctx)]
+    for name, path in journals:
+        close_journal(path, name)
+    return journals
+
+
+def log_study_record(client, cell_run_id: str, journals: list[tuple[str, Path]]) -> None:
+    """The journals and Optuna's figures of them on the cell run. A failure here is tagged
+    (`study_record_error`) and does not fail the cell: its result is already logged."""
+    from study import figures
+
+    try:
+        log_journals(client, cell_run_id, journals)
+        figures.log_study_figures(client, cell_run_id, journals)
+    except Exception as exc:
+        client.set_tag(cell_run_id, "study_record_error", f"{type(exc).__name__}: {exc}"[:5000])
 
 
 def fold_contexts(ctx: CellContext) -> list[CellContext]:

@@ -8,11 +8,13 @@ metrics and models.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,56 @@ def code_version() -> str:
         return "unknown"
 
 
+SOURCE_ENTRY_POINT = "study/launch.py"  # every run of a launch comes from its command line
+COMMIT_ENV = "THIGHMRI_SOURCE_COMMIT"  # set by the driver; Ray workers (other nodes too) inherit it
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> str:
+    version = os.environ.get(COMMIT_ENV) or code_version()
+    return version.split("+")[0]
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags (shown in its UI's Source column): the git commit of the code
+    that ran (the driver's, forwarded to workers in THIGHMRI_SOURCE_COMMIT; `code_version` says
+    whether the tree was dirty), the entry point and the source type (a local command line)."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    tags = {MLFLOW_SOURCE_NAME: SOURCE_ENTRY_POINT, MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}
+    commit = _git_commit()
+    if commit and commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def store_dataset(store_path: str, content_hash: str):
+    """The slice store as an MLflow dataset: source = its path (or URI), digest = its content
+    hash (the first 32 hex digits: MLflow allows 36 characters; the full hash is the input's
+    `content_hash` tag). Nothing about participants: a path and a hash."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    hexdigest = content_hash.split(":")[-1]
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is a local path
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(store_path)
+    name = store_path.rstrip("/").rsplit("/", 1)[-1] or "store"
+    return MetaDataset(source=source, name=name, digest=hexdigest[:32])
+
+
+def log_store_input(client: MlflowClient, run_id: str, store_path: str, content_hash: str,
+                    context: str = "training") -> None:
+    """The store as the run's dataset input (MLflow UI: Datasets), tagged with its full hash."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = store_dataset(store_path, content_hash)._to_mlflow_entity()
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context),
+                                                                    InputTag("content_hash", content_hash)])])
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, description: str | None = None) -> str:
     """The grid's experiment, shown in the UI's model-training view (runs table), not the GenAI one."""
     exp = client.get_experiment_by_name(name)
@@ -62,7 +114,7 @@ def get_or_create_experiment(client: MlflowClient, name: str, description: str |
 
 def create_run(client: MlflowClient, experiment_id: str, *, name: str, run_type: str,
                parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-    all_tags = {RUN_NAME_TAG: name, "run_type": run_type, **(tags or {})}
+    all_tags = {RUN_NAME_TAG: name, "run_type": run_type, **source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     return client.create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
