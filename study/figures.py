@@ -58,7 +58,7 @@ def study_figures(journal: Path, study_name: str, out_dir: Path, suffix: str = "
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
-    from study.search import journal_storage
+    from study.optuna_journal import journal_storage
 
     study = optuna.load_study(study_name=study_name, storage=journal_storage(journal))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from study.config import GridConfig, SearchParam
+from study.optuna_journal import close_journal, journal_storage, log_journals
 from study.trainable import CellContext, run_trial
 
 
@@ -50,7 +51,6 @@ def cell_seed(cell_name: str, split_seed: int) -> int:
 
 
 JOURNAL_FILE = "optuna_journal.log"
-JOURNAL_ARTIFACT_DIR = "optuna"  # on the cell run: optuna/<study name>.journal.log
 
 
 def journal_path(storage_path: str, name: str) -> Path:
@@ -63,15 +63,6 @@ def journal_path(storage_path: str, name: str) -> Path:
         key = hashlib.sha256(storage_path.encode()).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / "thighmri-optuna" / key / name / JOURNAL_FILE
     return Path(experiment_path(storage_path, name)) / JOURNAL_FILE
-
-
-def journal_storage(path: Path):
-    """Optuna's JournalStorage on a journal file (created with its folder if absent)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, journal: Path, study_name: str):
@@ -135,34 +126,6 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, j
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
     return PrunedAwareOptunaSearch(space=space, metric="best_val_score", mode="max", sampler=sampler,
                                    storage=journal_storage(journal), study_name=study_name)
-
-
-def close_journal(path: Path, study_name: str) -> int:
-    """After a search that ran to its end: fail the trials the journal still has as running
-    (asked by a driver that was killed before Tune saved them; Tune asked again on resume).
-    Returns how many; each gets the user attribute `closed_because`."""
-    import optuna
-    from optuna.trial import TrialState
-
-    storage = journal_storage(path)
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    lost = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    for t in lost:
-        storage.set_trial_user_attr(t._trial_id, "closed_because",
-                                    "asked before the launch driver was killed; never run (asked again on resume)")
-        study.tell(t.number, state=TrialState.FAIL)
-    return len(lost)
-
-
-def log_journals(client, run_id: str, journals: list[tuple[str, Path]]) -> None:
-    """Each search's journal on the cell run as optuna/<study name>.journal.log."""
-    import shutil
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, path in journals:
-            target = Path(tmp) / f"{name}.journal.log"
-            shutil.copyfile(path, target)
-            client.log_artifact(run_id, str(target), JOURNAL_ARTIFACT_DIR)
 
 
 def cell_trainable(cell_name: str):
