@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from study.cell_axes import check_axis_settings
+from study.config_batches import explicit_batch_problem
 from study.grid_schema import (ADJUST_FOR, BMI_STRATA, DISTRIBUTIONS, FREEZE_MODES, GRID_AXES, MEASURES,  # noqa: F401 (re-exported)
                                OPTIMIZERS, PROTOCOLS, SCHEDULERS, SELECT_ON, SEXES, SMALL_CELLS, THRESHOLD_FITS,
                                THRESHOLDS, Cell, GridConfig, GridError, ResourcesConfig, SearchParam, SplitConfig,
@@ -269,6 +270,9 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
         v = raw.get(key, getattr(GridConfig, key, None))
         if key in raw and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             errors.append(f"{key}: expected an integer >= {low}, got {v!r}")
+    cpt = raw.get("configs_per_trial", "auto")
+    if cpt != "auto" and (isinstance(cpt, bool) or not isinstance(cpt, int) or cpt < 1):
+        errors.append(f"configs_per_trial: expected 'auto' or an integer >= 1, got {cpt!r}")
     mc = _coerce(raw.get("max_concurrent_per_cell"), None, "max_concurrent_per_cell", errors)
     interval = raw.get("checkpoint_interval_s", GridConfig.checkpoint_interval_s)
     if not _is_number(interval) or interval < 0:
@@ -285,16 +289,20 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     if errors:
         raise GridError(f"{source}: {len(errors)} problem(s) in the grid file:\n  - " + "\n  - ".join(errors))
 
-    return GridConfig(  # paths (store, weights) are relative to the working directory, like CLI paths
+    parsed = GridConfig(  # paths (store, weights) are relative to the working directory, like CLI paths
         question=raw["question"].strip(), name=name, store=raw["store"], grid=grid, search=search,
         protocol=protocol, threshold=threshold, threshold_fit=threshold_fit, trials_per_cell=raw.get("trials_per_cell", 8),
         max_concurrent_per_cell=mc, scheduler=scheduler,
-        optuna_startup_trials=raw.get("optuna_startup_trials", 3),
+        optuna_startup_trials=raw.get("optuna_startup_trials", 3), configs_per_trial=cpt,
         min_subjects_per_cell=raw.get("min_subjects_per_cell", 20), **statistics,
         checkpoint_interval_s=float(interval), trial_retries=raw.get("trial_retries", 1),
         train=dataclasses.replace(train, epochs=int(train.epochs), batch_size=int(train.batch_size)),
         split=split, resources_per_trial=resources, source=source,
     )
+    problem = explicit_batch_problem(parsed)
+    if problem:
+        raise GridError(f"{source}: 1 problem(s) in the grid file:\n  - {problem}")
+    return parsed
 
 
 def _parse_statistics(raw: dict, split: SplitConfig, protocol: str, threshold_fit: str,

@@ -39,6 +39,13 @@ def best_result(result_grid):
                                           -r.metrics["best_val_loss"]))
 
 
+def configs_in(result) -> int:
+    """Optuna configurations a Tune trial trained: K for a batch (study/config_batches.py), else 1."""
+    from study.config_batches import BATCH_KEY
+
+    return len((result.config or {}).get(BATCH_KEY) or [None])
+
+
 def evaluate_selected(ctx: CellContext, result) -> tuple[Any, dict[str, float], dict[str, Any], dict[str, np.ndarray]]:
     """Rebuild the selected trial's best-epoch model and evaluate it on the cell's test subjects.
 
@@ -147,8 +154,9 @@ def finish_cell(ctx: CellContext, grid: GridConfig, client, results) -> dict[str
         extra_metrics = {}
     lap("size_saliency")
     summary = {"best_val_acc": best.metrics["best_val_acc"], "best_val_loss": best.metrics["best_val_loss"],
-               "best_epoch": chosen["epoch"], "n_trials": len(results),
-               "n_trials_failed": sum(r.error is not None for r in results), **test_metrics, **extra_metrics}
+               "best_epoch": chosen["epoch"], "n_trials": sum(configs_in(r) for r in results),
+               "n_trials_failed": sum(configs_in(r) for r in results if r.error is not None),
+               **test_metrics, **extra_metrics}
     if replication:  # name the numbers for what they are: validation subjects, also used for selection
         summary = {k.replace("test_", "val_"): v for k, v in summary.items()}
     partition = "val" if replication else "test"

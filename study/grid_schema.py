@@ -144,6 +144,9 @@ class GridConfig:
     max_concurrent_per_cell: int | None = None  # None: share the cluster's CPUs evenly among cells
     scheduler: str = "none"
     optuna_startup_trials: int = 3  # TPE's random start-up; Optuna's 10 is too many for small budgets
+    # Optuna configurations trained together in one Tune trial (study/config_batches.py): "auto"
+    # batches fc-head searches on cached features by optuna_startup_trials; 1 = one per trial
+    configs_per_trial: int | str = "auto"
     min_subjects_per_cell: int = 20
     # a trial checkpoints (weights, optimizer, epoch) when this many seconds have passed since
     # its last checkpoint, and after its last epoch: a pre-empted trial loses at most this much

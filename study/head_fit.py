@@ -85,7 +85,23 @@ def fit_head_like_engine(fit_model, loaders: dict, train, *, select_key: Callabl
     with torch.no_grad():  # the final weights while the epochs are replayed (a checkpoint's module_state)
         fc.weight.copy_(torch.from_numpy(res.final_weight))
         fc.bias.copy_(torch.from_numpy(res.final_bias))
-    history = [engine_metrics(m, per_epoch) for m in res.history]
+    state = FitState()
+    for epoch, metrics, state in replay(res, select_key, per_epoch):
+        if on_epoch is not None and on_epoch(epoch, dict(metrics), state) is True:
+            break
+    best = state.history[state.best_epoch - 1]
+    if state.epoch == len(res.history):  # as engine.fit: the module ends at the best epoch's weights
+        fc.load_state_dict(res.state_dict())
+    return {"history": state.history, "best_epoch": state.best_epoch, "best_val_subject_acc": best["val_subject_acc"],
+            "best_val_loss": best["val_loss"], "state": state}
+
+
+def replay(res, select_key: Callable[[dict[str, float]], tuple], per_epoch_s: float = 0.0):
+    """A head_trainer result's epochs as engine.fit would have lived them: yields (epoch,
+    engine-named metrics, FitState so far) in order; the last state holds the best epoch's
+    weights (state.best_state, what a trial checkpoint stores). Raises when engine.fit's
+    best-epoch rule (ties keep the earlier epoch) disagrees with the trainer's choice."""
+    history = [engine_metrics(m, per_epoch_s) for m in res.history]
     state, best_key = FitState(), None
     for epoch, metrics in enumerate(history, start=1):
         key = tuple(select_key(metrics))
@@ -96,10 +112,4 @@ def fit_head_like_engine(fit_model, loaders: dict, train, *, select_key: Callabl
             if state.best_epoch != res.best_epoch:
                 raise RuntimeError(f"head trainer chose epoch {res.best_epoch}, the replay {state.best_epoch}")
             state.best_state = {f"fc.{k}": v for k, v in res.state_dict().items()}
-        if on_epoch is not None and on_epoch(epoch, dict(metrics), state) is True:
-            break
-    best = history[state.best_epoch - 1]
-    if state.epoch == len(history):  # as engine.fit: the module ends at the best epoch's weights
-        fc.load_state_dict(res.state_dict())
-    return {"history": state.history, "best_epoch": state.best_epoch, "best_val_subject_acc": best["val_subject_acc"],
-            "best_val_loss": best["val_loss"], "state": state}
+        yield epoch, metrics, state

@@ -86,23 +86,27 @@ def tune_callback(cell: str, name: str | None):
     """A ray.tune.Callback posting this cell's trial events (start, each report, end)."""
     from ray.tune import Callback
 
+    def configs(trial) -> int:  # a batched Tune trial counts as its K configurations (study/config_batches.py)
+        return len((trial.config or {}).get("configs") or [None])
+
     class TuneProgress(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            post(name, {"kind": "trial_start", "cell": cell, "trial": trial.trial_id})
+            post(name, {"kind": "trial_start", "cell": cell, "trial": trial.trial_id, "configs": configs(trial)})
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             post(name, {"kind": "trial_result", "cell": cell, "trial": trial.trial_id,
-                        "iteration": _epochs_done(result),
+                        "iteration": _epochs_done(result), "configs": configs(trial),
                         "best": result.get("best_val_score")})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
             post(name, {"kind": "trial_end", "cell": cell, "trial": trial.trial_id, "error": False,
-                        "iteration": _epochs_done(last),
+                        "iteration": _epochs_done(last), "configs": configs(trial),
                         "best": last.get("best_val_score")})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            post(name, {"kind": "trial_end", "cell": cell, "trial": trial.trial_id, "error": True})
+            post(name, {"kind": "trial_end", "cell": cell, "trial": trial.trial_id, "error": True,
+                        "configs": configs(trial)})
 
     return TuneProgress()
 
@@ -179,18 +183,20 @@ class Display:
                 cell.running.add(trial)
                 cell.status = "running"
             elif kind in ("trial_result", "trial_end"):
-                it = int(e.get("iteration") or cell.iterations.get(trial, 0))
-                cell.first_seen.setdefault(trial, max(0, it - 1))  # epochs done before this session
+                k = int(e.get("configs") or 1)  # a batch: K configurations' epochs at once
+                it = int(e.get("iteration") or 0) * k or cell.iterations.get(trial, 0)
+                # epochs done before this session (0 for a trial started in it: a batch reports only at its end)
+                cell.first_seen.setdefault(trial, 0 if trial in cell.running else max(0, it - k))
                 cell.iterations[trial] = max(it, cell.iterations.get(trial, 0))
                 if e.get("best") is not None and math.isfinite(float(e["best"])):
                     cell.best = max(cell.best, float(e["best"]))
                 if kind == "trial_end":
                     cell.running.discard(trial)
                     if e.get("error"):
-                        cell.errors += 1
+                        cell.errors += k
                     else:
-                        cell.done += 1
-                        cell.skipped_epochs += max(0, cell.epochs - cell.iterations[trial])
+                        cell.done += k
+                        cell.skipped_epochs += max(0, cell.epochs * k - cell.iterations[trial])
                         self._line(f"{e.get('cell')}: trial {cell.done + cell.errors}/{cell.trials} done "
                                    f"after {cell.iterations[trial]} epoch(s), best validation so far "
                                    f"{cell.best:.3f}{self._eta_text()}")

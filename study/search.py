@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from study.config import GridConfig, SearchParam
+from study.batch_trial import run_batch_trial
+from study.config_batches import BATCH_KEY, batch_sizes, configs_per_trial
 from study.optuna_journal import close_journal, journal_storage, log_journals
 from study.trainable import CellContext, run_trial
 
@@ -65,7 +67,8 @@ def journal_path(storage_path: str, name: str) -> Path:
     return Path(experiment_path(storage_path, name)) / JOURNAL_FILE
 
 
-def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, journal: Path, study_name: str):
+def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, journal: Path, study_name: str,
+                           batches: list[int] | None = None):
     """OptunaSearch on a journal-file study that tells Optuna about scheduler-stopped trials as
     PRUNED, not COMPLETE.
 
@@ -74,14 +77,48 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, j
     The journal is written as trials are told, so after a driver is killed it may be ahead of
     Tune's snapshot: a restored trial that the journal already has as finished is not told twice
     (Optuna refuses values for it), and `close_journal` fails the trials asked but lost with the driver.
+
+    batches: configurations per Tune trial (study/config_batches.py), one entry per Tune trial;
+    None: one each. A batched Tune trial's config is {"configs": [...], "optuna_trials": [...]};
+    its K Optuna trials are told the scores it reports as config_score_<i> (FAIL when missing).
     """
     import pickle
 
     import optuna
     from optuna.trial import TrialState
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.utils.util import unflatten_dict
+
+    from study.config_batches import BATCH_KEY, NUMBERS_KEY
 
     class PrunedAwareOptunaSearch(OptunaSearch):
+        _batch_sizes: list[int] | None = None
+        _batches: dict | None = None  # Tune trial id -> its Optuna trials
+
+        def suggest(self, trial_id):
+            if not self._batch_sizes:
+                return super().suggest(trial_id)
+            if trial_id not in self._batches:
+                if len(self._batches) >= len(self._batch_sizes):
+                    return Searcher.FINISHED
+                k = self._batch_sizes[len(self._batches)]
+                self._batches[trial_id] = [self._ot_study.ask(fixed_distributions=self._space) for _ in range(k)]
+            asked = self._batches[trial_id]
+            return {BATCH_KEY: [unflatten_dict(t.params) for t in asked], NUMBERS_KEY: [t.number for t in asked]}
+
+        def _tell_batch(self, trial_id, result, error) -> None:
+            storage = self._ot_study._storage
+            for i, ot_trial in enumerate(self._batches[trial_id]):
+                if storage.get_trial(ot_trial._trial_id).state.is_finished():
+                    continue  # told before the driver was killed (see above)
+                value = None if error or not result else result.get(f"config_score_{i}")
+                if value is None:
+                    self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+                else:
+                    self._ot_study.tell(ot_trial, float(value))
+            self._completed_trials.add(trial_id)
+
         def _told_before(self, trial_id) -> bool:
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is None or trial_id in self._completed_trials:
@@ -92,11 +129,17 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, j
             return False
 
         def on_trial_result(self, trial_id, result):
+            if self._batches and trial_id in self._batches:
+                return  # a batch reports once, at its end, and is never pruned
             if self._told_before(trial_id):  # Optuna refuses values for a finished trial
                 return
             super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
+            if self._batches and trial_id in self._batches:
+                if trial_id not in self._completed_trials:
+                    self._tell_batch(trial_id, result, error)
+                return
             if self._told_before(trial_id):
                 return
             stopped_early = (result and not error and trial_id in self._ot_trials
@@ -124,8 +167,11 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, j
             self.__dict__.update(state)
 
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-    return PrunedAwareOptunaSearch(space=space, metric="best_val_score", mode="max", sampler=sampler,
-                                   storage=journal_storage(journal), study_name=study_name)
+    searcher = PrunedAwareOptunaSearch(space=space, metric="best_val_score", mode="max", sampler=sampler,
+                                       storage=journal_storage(journal), study_name=study_name)
+    if batches and max(batches) > 1:
+        searcher._batch_sizes, searcher._batches = list(batches), {}
+    return searcher
 
 
 def cell_trainable(cell_name: str):
@@ -137,6 +183,8 @@ def cell_trainable(cell_name: str):
     """
 
     def trainable(config, ctx):
+        if BATCH_KEY in config:  # several Optuna configurations in this Tune trial
+            return run_batch_trial(config, ctx)
         return run_trial(config, ctx)
 
     trainable.__name__ = trainable.__qualname__ = f"trial__{cell_name}"
@@ -181,7 +229,8 @@ def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_co
     if tune.Tuner.can_restore(path):
         # errored trials used up their retries in the earlier session; they stay errored
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False), True
-    searcher = _pruned_aware_searcher(optuna_space(grid.search),
+    batches = batch_sizes(grid.trials_per_cell, configs_per_trial(grid, ctx.train))
+    searcher = _pruned_aware_searcher(optuna_space(grid.search), batches=batches,
                                       seed=cell_seed(name, grid.split.seed),
                                       journal=journal_path(storage_path, name), study_name=name,
                                       startup=grid.optuna_startup_trials,
@@ -194,7 +243,7 @@ def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_co
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric="best_val_score", mode="max", search_alg=searcher,
-                                    scheduler=scheduler, num_samples=grid.trials_per_cell,
+                                    scheduler=scheduler, num_samples=len(batches),
                                     max_concurrent_trials=max_concurrent,
                                     # a finished trial's worker takes the cell's next trial: no new
                                     # process, no second import of torch (seconds per trial)
