@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -55,22 +56,79 @@ class BusySampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.samples: list[tuple[float, float, float]] = []
+        self._proc_cpu: dict[int, float] = {}
+        self._proc_base: dict[int, float] = {}  # CPU a process had used before the launch
+        self._proc_cmd: dict[int, str] = {}
+        self._first = True
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
             self.samples.append((time.time(), *cpu_times()))
-            self._halt.wait(1.0)
+            self._sample_processes()
+            self._halt.wait(0.5)
 
     def stop(self) -> None:
         self._halt.set()
         self.join()
         self.samples.append((time.time(), *cpu_times()))
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds spent during the launch per kind of process (Ray trial workers, cell tasks,
+        the MLflow server, Ray's daemons, this driver): each process's last sample of
+        /proc/<pid>/stat minus what it had used before the first sample; a worker counts under
+        the last title it had that says what it ran (Ray retitles workers ray::<what>)."""
+        kinds: dict[str, float] = {}
+        for pid, seconds in self._proc_cpu.items():
+            kind = _kind(self._proc_cmd[pid])
+            kinds[kind] = kinds.get(kind, 0.0) + seconds - self._proc_base.get(pid, 0.0)
+        return {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+
+    def top_processes(self, n: int = 8) -> list[str]:
+        """The n processes that used the most CPU during the launch: "seconds  command"."""
+        used = sorted(((self._proc_cpu[p] - self._proc_base.get(p, 0.0), self._proc_cmd[p]) for p in self._proc_cpu),
+                      reverse=True)[:n]
+        return [f"{sec:.1f}  {cmd[:100]}" for sec, cmd in used]
+
+    def _sample_processes(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+            except OSError:
+                continue
+            pid, seconds = int(proc.name), (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            if self._first:
+                self._proc_base[pid] = seconds
+            self._proc_cpu[pid] = max(seconds, self._proc_cpu.get(pid, 0.0))
+            if pid not in self._proc_cmd or (cmd.strip() and "IDLE" not in cmd):  # an exited process has none
+                self._proc_cmd[pid] = cmd
+        self._first = False
+
     def busy_fraction(self, start: float | None = None, end: float | None = None) -> float:
         picked = [s for s in self.samples if (start is None or s[0] >= start) and (end is None or s[0] <= end)]
         (_, b0, t0), (_, b1, t1) = picked[0], picked[-1]
         return (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def _kind(cmd: str) -> str:
+    """A process's kind from its command line (Ray sets worker titles to ray::<what they run>)."""
+    if cmd.startswith("ray::"):
+        what = cmd[5:].split()[0]
+        return ("ray worker: trial" if "ImplicitFunc" in what or what.startswith("trial__") else
+                "ray worker: cell task" if "run_cell_search" in what else
+                "ray worker: idle or other" if what in ("IDLE", "") else f"ray worker: {what[:40]}")
+    for needle, kind in (("mlflow", "mlflow server"), ("gunicorn", "mlflow server"), ("uvicorn", "mlflow server"),
+                         ("raylet", "ray daemons"), ("gcs_server", "ray daemons"), ("dashboard", "ray daemons"),
+                         ("log_monitor", "ray daemons"), ("monitor.py", "ray daemons"),
+                         ("spawn_main", "mlflow server"),  # its uvicorn workers (the only spawned children here)
+                         ("default_worker", "ray worker: starting"), ("launch_overhead", "driver (launch)")):
+        if needle in cmd:
+            return kind
+    return "other"
 
 
 def build_store(root: Path, subjects: int) -> Path:
@@ -120,6 +178,7 @@ def overhead(args, root: Path, url: str) -> dict:
             "store": str(store), "grid": cells,
             "search": {"lr": {"loguniform": [1e-4, 1e-2]}}, "trials_per_cell": args.trials,
             "optuna_startup_trials": args.trials,
+            "configs_per_trial": args.configs_per_trial if args.configs_per_trial == "auto" else int(args.configs_per_trial),
             "train": {"epochs": args.epochs, "batch_size": 8, "optimizer": "sgd", "momentum": 0.9,
                       "freeze": "fc", "weights": "none", "compiled_head": not args.torch_head},
             "split": {"val": 0.2, "test": 0.2, "seed": 0}, "resources_per_trial": {"cpu": 1, "gpu": 0}}
@@ -145,6 +204,8 @@ def overhead(args, root: Path, url: str) -> dict:
     first_gap = [(min(t.info.start_time for t in ts) - cell_start[c]) / 1000 for c, ts in by_cell.items()]
     return {"mode": "overhead", "subjects": args.subjects, "cells": len(cell_runs), "trials": len(trials),
             "epochs": args.epochs, "trainer": "torch (engine.fit)" if args.torch_head else "compiled head",
+            "configs_per_trial": args.configs_per_trial,
+            "tune_trials": len({t.data.tags.get("tune_trial_id") for t in trials}),
             "cpus": args.cpus, "launch_wall_s": round(wall, 1), "trial_phase_wall_s": round(phase, 1),
             "compute_per_trial_s": round(mean_compute, 2),
             "setup_per_trial_s": round(sum(t.data.metrics["time_setup_s"] for t in trials) / len(trials), 2),
@@ -160,6 +221,7 @@ def overhead(args, root: Path, url: str) -> dict:
             **{f"cell_{k}": mean_metric(cell_runs, k) for k in ("time_test_eval_s", "time_size_saliency_s",
                                                                 "time_log_model_s")},
             "overhead_fraction": round(per_trial / (per_trial + mean_compute), 3),
+            "cpu_s_by_process": sampler.cpu_by_process(), "top_processes": sampler.top_processes(),
             "busy_fraction": round(sampler.busy_fraction(), 3)}
 
 
@@ -230,6 +292,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--oai-root", default="/tmp/bench_oai", help="where --oai builds (and reuses) its store")
     p.add_argument("--cells", type=int, default=48, help="cells of the OAI grid (--oai)")
     p.add_argument("--torch-head", action="store_true", help="trials on engine.fit, not the compiled head")
+    p.add_argument("--configs-per-trial", default="auto",
+                   help="the grid's configs_per_trial (auto: a cell's 10 in one Tune trial; 1: unbatched)")
     p.add_argument("--pair-trainers", action="store_true",
                    help="after the launch, time one trial's training old (engine.fit) vs new and the floor (overhead)")
     p.add_argument("--old-epochs", type=int, default=2, help="epochs the old trainer runs (extrapolated)")
