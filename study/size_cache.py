@@ -35,6 +35,7 @@ import hashlib
 import os
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def _read(path: Path, store: Any, code: str) -> np.ndarray | None:
     try:
         with np.load(path, allow_pickle=False) as f:
             table, made_from, made_by = f["table"], str(f["content_hash"]), str(f["code"])
-    except (OSError, ValueError, KeyError):  # absent or unreadable: compute again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent or damaged: compute again
         return None
     if made_from != store.content_hash or made_by != code or table.shape[0] != len(store.subjects):
         return None
