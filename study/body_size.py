@@ -36,10 +36,16 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from study import size_cache
+
 # Stored intensity (0..1 of the recipe's window) below which a pixel is air: halfway between
 # air (~0) and muscle (~0.3). Above T_FAT a pixel is fat: halfway between muscle and fat (~0.9).
 T_BACKGROUND = 0.15
 T_FAT = 0.6
+# what the cached areas were measured with (study/size_cache.py key): bump AREAS_VERSION when
+# tissue_masks or pixel_areas change
+AREAS_VERSION = 1
+AREAS_CODE = f"areas v{AREAS_VERSION}; T_BACKGROUND={T_BACKGROUND}; T_FAT={T_FAT}"
 FEATURES = ("bmi", "sex", "age", "muscle_area", "fat_area", "total_area")
 SIZE_MODEL_NAME = "size+age"  # what the baseline holds; MLflow metric keys use METRIC_PREFIX
 METRIC_PREFIX = "size_age_"
@@ -112,8 +118,8 @@ def _pixel_area_cm2(subjects: pd.DataFrame, rows: np.ndarray,
     return np.ones(rows.size), "px"
 
 
-def thigh_areas(store: Any, rows: np.ndarray, *,
-                pixel_spacing_mm: tuple[float, float] | None = None) -> pd.DataFrame:
+def thigh_areas(store: Any, rows: np.ndarray, *, pixel_spacing_mm: tuple[float, float] | None = None,
+                cache: bool = True) -> pd.DataFrame:
     """Muscle, fat and total thigh cross-sectional area of each subject.
 
     Each area is the mean over all of the subject's stored slices (more robust than the
@@ -121,30 +127,51 @@ def thigh_areas(store: Any, rows: np.ndarray, *,
     whole slice, i.e. both thighs together when both are imaged.
 
     Args:
-        store: opened store (``.images``, ``.subjects``).
+        store: opened store (``.images``, ``.subjects``, ``.content_hash``).
         rows: store rows of the subjects.
         pixel_spacing_mm: (row, col) spacing of the *stored* pixels; default: the subjects
             table's pixel_spacing_row_mm / pixel_spacing_col_mm columns when present (read as
             the spacing of the stored, resized pixels), else areas stay in pixels.
+        cache: take the pixel areas from the node's table of every subject of this store
+            (study/size_cache.py: measured once per store and AREAS_CODE, the same numbers);
+            False measures `rows` now.
 
     Returns:
         DataFrame indexed by store row with muscle_area, fat_area, total_area; ``df.attrs
         ["unit"]`` is "cm2" or "px".
     """
     rows = np.asarray(rows, dtype=np.int64)
-    subjects = store.subjects
-    starts = subjects["slice_start"].to_numpy(dtype=np.int64)
-    counts = subjects["slice_count"].to_numpy(dtype=np.int64)
-    scale, unit = _pixel_area_cm2(subjects, rows, pixel_spacing_mm)
-    out = np.zeros((rows.size, 3))
-    for i, row in enumerate(rows):
-        block = np.asarray(store.images[starts[row]:starts[row] + counts[row]])
-        masks = tissue_masks(block)
-        out[i] = [masks[k].sum() / max(1, block.shape[0]) for k in ("muscle", "fat", "thigh")]
-    df = pd.DataFrame(out * scale[:, None], index=pd.Index(rows, name="row"),
+    if cache and store.content_hash:
+        every = np.arange(len(store.subjects))
+        pixels = size_cache.cached_subject_table(store, "areas", AREAS_CODE,
+                                                 lambda: pixel_areas(store, every))[rows]
+    else:
+        pixels = pixel_areas(store, rows)
+    scale, unit = _pixel_area_cm2(store.subjects, rows, pixel_spacing_mm)
+    df = pd.DataFrame(pixels * scale[:, None], index=pd.Index(rows, name="row"),
                       columns=["muscle_area", "fat_area", "total_area"])
     df.attrs["unit"] = unit
     return df
+
+
+def pixel_areas(store: Any, rows: np.ndarray) -> np.ndarray:
+    """float64 (len(rows), 3): mean muscle, fat and thigh pixels per stored slice of each row.
+
+    Subjects are measured a batch at a time (size_cache.subject_blocks): tissue_masks works
+    slice by slice (_IN_PLANE), so a batch gives each slice the masks it gets alone.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.zeros((rows.size, 3))
+    done = 0
+    for batch, images, counts in size_cache.subject_blocks(store, rows):
+        if images.shape[0]:
+            masks = tissue_masks(images)
+            per_slice = np.stack([masks[k].sum(axis=(1, 2)) for k in ("muscle", "fat", "thigh")], axis=1)
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            for j in range(batch.size):
+                out[done + j] = per_slice[bounds[j]:bounds[j + 1]].sum(axis=0) / max(1, int(counts[j]))
+        done += batch.size
+    return out
 
 
 def size_features(store: Any, rows: np.ndarray, areas: pd.DataFrame | None = None) -> pd.DataFrame:
