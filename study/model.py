@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
+
+from study.resnet18 import IMAGENET1K_V1_URL, resnet18
 
 WEIGHTS_CHOICES = ("none", "imagenet", "<path to a .pth state dict>")
 
@@ -45,7 +46,7 @@ DOWNLOAD_TIMEOUT_S = 10.0
 
 
 class ThighResNet(nn.Module):
-    """torchvision resnet18 that takes one-channel slices in [0, 1].
+    """resnet18 (torchvision's, study/resnet18.py) that takes one-channel slices in [0, 1].
 
     The grayscale input is repeated to 3 channels and normalised with the ImageNet mean/std
     because ImageNet conv1 filters were learned on 3 normalised colour channels; doing the same
@@ -97,7 +98,7 @@ class ThighResNet(nn.Module):
 
 def imagenet_cache_file() -> Path:
     """Where torch.hub looks for the ImageNet resnet18 file (honours $TORCH_HOME)."""
-    url = ResNet18_Weights.IMAGENET1K_V1.url
+    url = IMAGENET1K_V1_URL
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
@@ -105,7 +106,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     path = imagenet_cache_file()
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
-    url = ResNet18_Weights.IMAGENET1K_V1.url
+    url = IMAGENET1K_V1_URL
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
@@ -188,7 +189,7 @@ def build_model(*, weights: str = "none", freeze: str = "none", num_classes: int
         )
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    backbone = resnet18(weights=None)
+    backbone = resnet18()  # torchvision's resnet18(weights=None), without importing torchvision (study/resnet18.py)
     if weights == "imagenet":
         backbone.load_state_dict(_imagenet_state_dict())
     backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)

@@ -164,3 +164,49 @@ def test_seed_everything_makes_training_bit_reproducible():
     a, b, c = _short_training(7), _short_training(7), _short_training(8)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["backbone.fc.weight"], c["backbone.fc.weight"])
+
+
+def test_our_resnet18_is_torchvisions_module_for_module_and_bit_for_bit():
+    """study/resnet18.py replaces torchvision's resnet18 (to spare every trial worker the import):
+    same modules in the same order, the same weights from the same seed, the same forward, the
+    same ImageNet file URL, and state dicts that load both ways."""
+    import torchvision
+    from torchvision.models import ResNet18_Weights
+
+    from study.resnet18 import IMAGENET1K_V1_URL, resnet18
+
+    assert IMAGENET1K_V1_URL == ResNet18_Weights.IMAGENET1K_V1.url
+    torch.manual_seed(3)
+    ours = resnet18()
+    after_ours = torch.rand(1)
+    torch.manual_seed(3)
+    theirs = torchvision.models.resnet18(weights=None)
+    assert torch.equal(after_ours, torch.rand(1))  # the same RNG draws, in the same order
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    assert [type(m).__name__ for m in ours.modules()][1:] == [type(m).__name__ for m in theirs.modules()][1:]
+    sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
+    assert list(sd_ours) == list(sd_theirs)
+    assert all(torch.equal(sd_ours[k], sd_theirs[k]) for k in sd_ours)
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        for mode in (False, True):  # eval (running stats) and train (batch stats)
+            ours.train(mode)
+            theirs.train(mode)
+            assert torch.equal(ours(x), theirs(x))
+    torch.manual_seed(4)
+    theirs.load_state_dict(torchvision.models.resnet18(weights=None).state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_building_a_model_does_not_import_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys; from study.model import build_model; build_model(weights='none', freeze='fc'); "
+            "import study.batch_trial, study.search; print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
