@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from study.config import GridConfig, GridError, load_grid, parse_override
+from study.config_batches import configs_per_trial
 from study.plan import CellPlan, PlanError, plan_cells
 from study.launch_stats import close_statistics, format_pairs
 from study.report import STRATA_PLOT, format_table, plot_accuracy, plot_strata, results_table
@@ -93,6 +94,10 @@ def print_plan(grid: GridConfig, store, plans: list[CellPlan]) -> None:
     print(f"store: {grid.store} (content hash {store.content_hash.split(':')[-1][:12]}), {len(store.subjects)} subjects")
     print(f"{len(plans)} cell(s) x {grid.trials_per_cell} trials; search: "
           + ", ".join(f"{p.name}~{p.kind}{list(p.values)}" for p in grid.search))
+    batched = {configs_per_trial(grid, plan.train) for plan in plans}
+    if batched != {1}:
+        print(f"configurations per Tune trial: {', '.join(map(str, sorted(batched)))} "
+              f"(configs_per_trial: {grid.configs_per_trial}; fc heads on cached features train together)")
     for plan in plans:
         c = plan.counts()
         print(f"  {plan.cell.name:<44} n={c['n']:<5} train/val/test={c['n_train']}/{c['n_val']}/{c['n_test']} "
@@ -296,6 +301,8 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
                     "code version": tracking.code_version(), "storage path": storage_path,
                     "overrides (--set)": " ".join(args.overrides) or "none", "protocol": grid.protocol,
                     "selection metric": grid.select_on, "trials per cell": grid.trials_per_cell,
+                    "configurations per Tune trial": ", ".join(
+                        sorted({str(configs_per_trial(grid, p.train)) for p in plans})),
                     "cells": len(plans), "epochs": grid.train.epochs, "weights": grid.train.weights}
         df = write_results(client, launch_id, grid, ordered, report={
             "out_dir": Path(args.report_dir) / launch_id, "experiment_id": exp_id, "tracking_uri": tracking_uri,
