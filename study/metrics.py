@@ -36,8 +36,6 @@ import math
 import warnings
 
 import numpy as np
-from scipy import optimize, stats
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from study.engine import SUBJECT_THRESHOLD
 from study.paired import PAIRED_METHODS, accuracy_difference
@@ -55,11 +53,13 @@ STAT_METHODS = {
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Fraction of subjects predicted correctly."""
+    from sklearn.metrics import accuracy_score  # on first use (a compiled-head worker: never)
     return float(accuracy_score(y_true, y_pred))
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean of per-class recall (0.5 for any constant predictor on two classes)."""
+    from sklearn.metrics import balanced_accuracy_score  # on first use (a compiled-head worker: never)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one class present: sklearn warns, the value is that class's recall
         return float(balanced_accuracy_score(y_true, y_pred))
@@ -67,6 +67,7 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Area under the ROC curve; NaN when y_true holds a single class (undefined)."""
+    from sklearn.metrics import roc_auc_score  # on first use (a compiled-head worker: never)
     if np.unique(y_true).size < 2:
         return math.nan
     return float(roc_auc_score(y_true, y_score))
@@ -86,6 +87,7 @@ def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> floa
 
 def proportion_ci(k: int, n: int, *, alpha: float = 0.05, method: str = "exact") -> tuple[float, float]:
     """Interval of a binomial proportion k/n: "exact" (Clopper-Pearson) or "wilson"; NaN for n = 0."""
+    from scipy import stats  # on first use (a compiled-head worker: never)
     if n == 0:
         return math.nan, math.nan
     ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method=method)
@@ -130,6 +132,8 @@ def auroc_ci(y_true: np.ndarray, y_score: np.ndarray, *, alpha: float = 0.05) ->
     Returns:
         (AUROC, low, high); all NaN when y_true holds one class.
     """
+    from scipy import optimize  # on first use (a compiled-head worker: never)
+    from scipy import stats
     y = np.asarray(y_true, dtype=np.int64)
     point = auroc(y, y_score)
     if math.isnan(point):
@@ -154,6 +158,7 @@ def association_p(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     Not a test against the baseline: a model can be associated with the labels and still be
     no more accurate than predicting the majority class.
     """
+    from scipy import stats  # on first use (a compiled-head worker: never)
     y, p = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     table = [[int(np.sum((y == 1) & (p == 1))), int(np.sum((y == 1) & (p == 0)))],
              [int(np.sum((y == 0) & (p == 1))), int(np.sum((y == 0) & (p == 0)))]]

@@ -27,7 +27,6 @@ import math
 import warnings
 
 import numpy as np
-from scipy import stats
 
 PAIRED_METHODS = {
     "acc_diff_test": "exact McNemar (binomial test of discordant pairs)",
@@ -49,6 +48,7 @@ def mcnemar_exact(n_a_only: int, n_b_only: int, *, alternative: str = "two-sided
         The binomial test's p-value of n_a_only out of n_a_only + n_b_only against 1/2; 1.0
         when there is no discordant pair.
     """
+    from scipy import stats  # on first use (a compiled-head worker: never)
     total = int(n_a_only) + int(n_b_only)
     if total == 0:
         return 1.0
@@ -58,6 +58,7 @@ def mcnemar_exact(n_a_only: int, n_b_only: int, *, alternative: str = "two-sided
 def _bootstrap_interval(data: tuple[np.ndarray, ...], statistic, *, paired: bool,
                         n_boot: int, seed: int, alpha: float) -> tuple[float, float]:
     """BCa interval via scipy.stats.bootstrap; one value only -> that value; BCa undefined -> percentile."""
+    from scipy import stats  # on first use (a compiled-head worker: never)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate distributions are handled below
         res = stats.bootstrap(data, statistic, paired=paired, vectorized=True, n_resamples=n_boot,
@@ -101,6 +102,7 @@ def accuracy_difference(correct_a: np.ndarray, correct_b: np.ndarray, *, alterna
 
 def _auroc_by_ranks(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """Mann-Whitney AUROC along the last axis (ties count 1/2), for batches of resamples."""
+    from scipy import stats  # on first use (a compiled-head worker: never)
     m, n = pos.shape[-1], neg.shape[-1]
     ranks = stats.rankdata(np.concatenate([pos, neg], axis=-1), axis=-1)
     return (ranks[..., :m].sum(axis=-1) - m * (m + 1) / 2) / (m * n)
@@ -108,6 +110,7 @@ def _auroc_by_ranks(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
 
 def _delong_components(pos: np.ndarray, neg: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """AUROC and DeLong's structural components (per positive, per negative), via midranks."""
+    from scipy import stats  # on first use (a compiled-head worker: never)
     m, n = pos.size, neg.size
     all_ranks = stats.rankdata(np.concatenate([pos, neg]))
     pos_ranks, neg_ranks = stats.rankdata(pos), stats.rankdata(neg)
@@ -124,6 +127,7 @@ def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> tupl
         when the difference's variance is 0 although the AUROCs differ (no test possible);
         1.0 when both are equal with variance 0.
     """
+    from scipy import stats  # on first use (a compiled-head worker: never)
     y = np.asarray(y).astype(bool)
     a, b = np.asarray(score_a, float), np.asarray(score_b, float)
     m, n = int(y.sum()), int((~y).sum())

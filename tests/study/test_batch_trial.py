@@ -111,7 +111,8 @@ def test_a_batched_search_is_the_unbatched_search_trained_faster(two_cohort_stor
 
     # Optuna was told each configuration's own value, under its own trial number
     for cell, trials in ((cell_b, trials_b), (cell_s, trials_s)):
-        (journal,) = Path(client.download_artifacts(cell.info.run_id, "optuna", str(tmp_path / cell.info.run_id))).glob("*.log")
+        folder = client.download_artifacts(cell.info.run_id, "optuna", str(tmp_path / cell.info.run_id))
+        (journal,) = Path(folder).glob("*.log")
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
         (study,) = [optuna.load_study(study_name=s.study_name, storage=storage) for s in storage.get_all_studies()]
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
