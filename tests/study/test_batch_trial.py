@@ -131,3 +131,46 @@ def test_a_batched_search_is_the_unbatched_search_trained_faster(two_cohort_stor
     pred_b, pred_s = load_predictions(client, cell_b.info.run_id), load_predictions(client, cell_s.info.run_id)
     assert (pred_b["rows"] == pred_s["rows"]).all()
     assert abs(pred_b["probs"] - pred_s["probs"]).max() <= 1e-5
+
+
+def test_the_searcher_asks_k_configurations_per_tune_trial_and_tells_each_its_own_score(tmp_path):
+    """The batch searcher alone (no Ray): batch sizes, Optuna trial numbers, each score told to its
+    own Optuna trial, a failed batch failing all of its trials, and a snapshot that restores
+    without telling anything twice or asking beyond the search."""
+    import optuna
+    from ray.tune.search import Searcher
+
+    from study.config import SearchParam
+    from study.search import _pruned_aware_searcher, optuna_space
+
+    space = optuna_space((SearchParam("lr", "loguniform", (1e-3, 1e-1)),))
+    journal = tmp_path / "j.log"
+
+    def searcher():
+        return _pruned_aware_searcher(space, seed=0, startup=4, max_epochs=0, journal=journal, study_name="cell",
+                                      batches=[2, 2, 1])
+
+    s = searcher()
+    a, b = s.suggest("t1"), s.suggest("t2")
+    assert [len(a["configs"]), len(b["configs"])] == [2, 2]
+    assert a["optuna_trials"] == [0, 1] and b["optuna_trials"] == [2, 3]
+    assert s.suggest("t1") == a  # asked again (a restored trial): the same configurations
+    s.on_trial_complete("t1", result={"config_score_0": 0.25, "config_score_1": 0.75, "best_val_score": 0.75})
+    s.on_trial_complete("t2", error=True)
+    snapshot = tmp_path / "searcher.pkl"
+    s.save(str(snapshot))
+
+    restored = searcher()
+    restored.restore(str(snapshot))
+    restored.on_trial_complete("t1", result={"config_score_0": 9.0, "config_score_1": 9.0})  # told before: ignored
+    c = restored.suggest("t3")
+    assert len(c["configs"]) == 1 and c["optuna_trials"] == [4]
+    assert restored.suggest("t4") == Searcher.FINISHED  # 5 configurations asked: the search is done
+    restored.on_trial_complete("t3", result={"config_score_0": 0.5})
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="cell", storage=storage).trials
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    assert [t.value for t in trials] == [0.25, 0.75, None, None, 0.5]
+    assert a["configs"][1]["lr"] == trials[1].params["lr"]
