@@ -80,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
                    help="override the spec's column for a canonical field (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only when stderr is a terminal)")
     p.add_argument("--max-rows-without-images", type=float, default=0.0, metavar="SHARE",
                    help="share of table rows that may find no images before the build ends "
                         "with a WARNING (default 0: any; e.g. 0.05)")

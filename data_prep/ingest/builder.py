@@ -142,7 +142,8 @@ def _ingest(found: ParticipantScan, table: pd.DataFrame, table_report: dict, *,
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     results = ordered_results(jobs, pool, workers)
     bar = tqdm(total=len(todo), initial=len(done), desc=f"ingest {spec.name}",
-               unit="participant", file=sys.stderr, disable=not progress)
+               unit="participant", file=sys.stderr,
+               disable=None if progress else True)  # None: on a terminal only (quiet in logs)
     try:
         for res in results:
             entry = _entry(res, pid[res.key], spec, rows)

@@ -204,16 +204,20 @@ def test_no_phi_anywhere_in_store(built, cohort):
         assert value not in text, "PHI found in decoded store content"
 
 
-def test_no_phi_in_build_output(cohort, tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log"])
+def test_no_phi_in_build_output(cohort, tmp_path, monkeypatch, capfd, terminal):
     phi = collect_phi(cohort / "oai")
     capfd.readouterr()
     monkeypatch.setenv("THIGHMRI_SALT", SALT)
-    # with the planted problems and progress bar: every reporting path runs
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    # with the planted problems and (on a terminal) the progress bar: every reporting path runs
     assert build_store.main([
         "--dicom", str(cohort / "oai" / "dicom"), "--tables", str(cohort / "oai" / "tables"),
         "--cohort", "oai", "--out", str(tmp_path / "o.zarr"), "--size", SIZE]) == 0
     out = capfd.readouterr()
     assert "participants ingested" in out.out and "no_table_row" in out.out
+    # the bar shows on a terminal only: a log (make demo > log, a batch job) stays quiet
+    assert ("ingest oai" in out.err) == terminal
     assert phi and not [v for v in phi if v in out.out + out.err]
 
 
