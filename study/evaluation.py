@@ -21,6 +21,7 @@ import numpy as np
 
 from study import tracking
 from study.config import GridConfig
+from study.config_batches import BATCH_KEY
 from study.trainable import (CellContext, eval_inputs, load_checkpoint, model_from_checkpoint,
                              resolve_train_config)
 
@@ -41,8 +42,6 @@ def best_result(result_grid):
 
 def configs_in(result) -> int:
     """Optuna configurations a Tune trial trained: K for a batch (study/config_batches.py), else 1."""
-    from study.config_batches import BATCH_KEY
-
     return len((result.config or {}).get(BATCH_KEY) or [None])
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from study.config import GridConfig, SearchParam
 from study.batch_trial import run_batch_trial
-from study.config_batches import BATCH_KEY, batch_sizes, configs_per_trial
+from study.config_batches import BATCH_KEY, NUMBERS_KEY, batch_sizes, configs_per_trial
 from study.optuna_journal import close_journal, journal_storage, log_journals
 from study.trainable import CellContext, run_trial
 
@@ -89,8 +89,6 @@ def _pruned_aware_searcher(space, *, seed: int, startup: int, max_epochs: int, j
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
     from ray.tune.utils.util import unflatten_dict
-
-    from study.config_batches import BATCH_KEY, NUMBERS_KEY
 
     class PrunedAwareOptunaSearch(OptunaSearch):
         _batch_sizes: list[int] | None = None

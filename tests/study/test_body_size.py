@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from store_helpers import synthetic_oai_store
 
 from data_prep.store import open_store, pseudonym
 from study import data
@@ -19,18 +20,8 @@ N_SUBJECTS = 40  # enough that a 5-feature logistic fit on ~28 subjects is stabl
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[object, pd.DataFrame]:
     """(opened 64x128 store, truth rows aligned with the store's subject rows)."""
-    from data_prep.build_store import main as build_main
-    from data_prep.synth import generate_cohort
-
     root = tmp_path_factory.mktemp("size")
-    generate_cohort(root / "cohort", subjects=N_SUBJECTS, seed=1, matrix=(64, 128))
-    (root / "salt").write_text(SALT + "\n")
-    rc = build_main(["--dicom", str(root / "cohort" / "oai" / "dicom"), "--tables",
-                     str(root / "cohort" / "oai" / "tables"), "--cohort", "oai", "--out",
-                     str(root / "store.zarr"), "--size", "64x128", "--salt-file", str(root / "salt"),
-                     "--no-progress", "--workers", "2"])
-    assert rc in (0, None)
-    store = open_store(root / "store.zarr")
+    store = open_store(synthetic_oai_store(root, subjects=N_SUBJECTS, seed=1, size="64x128", salt=SALT))
     truth = pd.read_csv(root / "cohort" / "truth.csv")
     truth = truth[truth["cohort"] == "oai"]
     truth.index = [pseudonym(SALT.encode(), "oai", str(i)) for i in truth["id"]]

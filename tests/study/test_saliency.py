@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from store_helpers import synthetic_oai_store
 
 from study.model import ThighResNet, build_model
 from study.saliency import grad_cam, input_gradient, sample_subjects, saliency_report
@@ -63,19 +64,10 @@ def test_sample_subjects_is_two_per_class_and_deterministic():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from data_prep.build_store import main as build_main
     from data_prep.store import open_store
-    from data_prep.synth import generate_cohort
 
-    root = tmp_path_factory.mktemp("sal")
-    generate_cohort(root / "cohort", subjects=6, seed=2, matrix=(64, 128))
-    (root / "salt").write_text("saliency-test-salt-0123456789\n")
-    rc = build_main(["--dicom", str(root / "cohort" / "oai" / "dicom"), "--tables",
-                     str(root / "cohort" / "oai" / "tables"), "--cohort", "oai", "--out",
-                     str(root / "store.zarr"), "--size", "64x128", "--salt-file", str(root / "salt"),
-                     "--no-progress", "--workers", "2"])
-    assert rc in (0, None)
-    return open_store(root / "store.zarr")
+    return open_store(synthetic_oai_store(tmp_path_factory.mktemp("sal"), subjects=6, seed=2, size="64x128",
+                                          salt="saliency-test-salt-0123456789"))
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradient"])

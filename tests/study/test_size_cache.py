@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from store_helpers import synthetic_oai_store
 
 from data_prep.store import open_store
 from data_prep.store.shards import decode_shard, encode_shard
@@ -21,18 +22,8 @@ SALT = "size-cache-test-salt-0123456789"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A real 16-participant store at 32x64 built from synthetic DICOM."""
-    from data_prep.build_store import main as build_main
-    from data_prep.synth import generate_cohort
-
-    root = tmp_path_factory.mktemp("size_cache")
-    generate_cohort(root / "cohort", subjects=16, seed=2, matrix=(64, 128))
-    (root / "salt").write_text(SALT + "\n")
-    rc = build_main(["--dicom", str(root / "cohort" / "oai" / "dicom"), "--tables",
-                     str(root / "cohort" / "oai" / "tables"), "--cohort", "oai", "--out",
-                     str(root / "store.zarr"), "--size", "32x64", "--salt-file", str(root / "salt"),
-                     "--no-progress", "--workers", "1"])
-    assert rc in (0, None)
-    return open_store(root / "store.zarr")
+    return open_store(synthetic_oai_store(tmp_path_factory.mktemp("size_cache"), subjects=16, seed=2,
+                                          size="32x64", salt=SALT, workers=1))
 
 
 @pytest.fixture(autouse=True)
