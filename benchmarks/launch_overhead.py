@@ -179,6 +179,7 @@ def overhead(args, root: Path, url: str) -> dict:
             "search": {"lr": {"loguniform": [1e-4, 1e-2]}}, "trials_per_cell": args.trials,
             "optuna_startup_trials": args.trials,
             "configs_per_trial": args.configs_per_trial if args.configs_per_trial == "auto" else int(args.configs_per_trial),
+            "shared_tune_run": {"auto": "auto", "true": True, "false": False}[args.shared_tune_run],
             "train": {"epochs": args.epochs, "batch_size": 8, "optimizer": "sgd", "momentum": 0.9,
                       "freeze": "fc", "weights": "none", "compiled_head": not args.torch_head},
             "split": {"val": 0.2, "test": 0.2, "seed": 0}, "resources_per_trial": {"cpu": 1, "gpu": 0}}
@@ -204,7 +205,7 @@ def overhead(args, root: Path, url: str) -> dict:
     first_gap = [(min(t.info.start_time for t in ts) - cell_start[c]) / 1000 for c, ts in by_cell.items()]
     return {"mode": "overhead", "subjects": args.subjects, "cells": len(cell_runs), "trials": len(trials),
             "epochs": args.epochs, "trainer": "torch (engine.fit)" if args.torch_head else "compiled head",
-            "configs_per_trial": args.configs_per_trial,
+            "configs_per_trial": args.configs_per_trial, "shared_tune_run": args.shared_tune_run,
             "tune_trials": len({t.data.tags.get("tune_trial_id") for t in trials}),
             "cpus": args.cpus, "launch_wall_s": round(wall, 1), "trial_phase_wall_s": round(phase, 1),
             "compute_per_trial_s": round(mean_compute, 2),
@@ -221,6 +222,9 @@ def overhead(args, root: Path, url: str) -> dict:
             **{f"cell_{k}": mean_metric(cell_runs, k) for k in ("time_test_eval_s", "time_size_saliency_s",
                                                                 "time_log_model_s")},
             "overhead_fraction": round(per_trial / (per_trial + mean_compute), 3),
+            # the trial slots' time outside the trainables (worker starts, Tune's scheduling, idle
+            # slots) against the time inside them, over the trial phase
+            "scheduling_overhead_vs_trial_time": round((phase * slots - in_trial) / in_trial, 3),
             "cpu_s_by_process": sampler.cpu_by_process(), "top_processes": sampler.top_processes(),
             "busy_fraction": round(sampler.busy_fraction(), 3)}
 
@@ -294,6 +298,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-head", action="store_true", help="trials on engine.fit, not the compiled head")
     p.add_argument("--configs-per-trial", default="auto",
                    help="the grid's configs_per_trial (auto: a cell's 10 in one Tune trial; 1: unbatched)")
+    p.add_argument("--shared-tune-run", default="auto", choices=("auto", "true", "false"),
+                   help="the grid's shared_tune_run (auto: the cells share one Tune run when they batch)")
     p.add_argument("--pair-trainers", action="store_true",
                    help="after the launch, time one trial's training old (engine.fit) vs new and the floor (overhead)")
     p.add_argument("--old-epochs", type=int, default=2, help="epochs the old trainer runs (extrapolated)")

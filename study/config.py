@@ -273,6 +273,13 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
     cpt = raw.get("configs_per_trial", "auto")
     if cpt != "auto" and (isinstance(cpt, bool) or not isinstance(cpt, int) or cpt < 1):
         errors.append(f"configs_per_trial: expected 'auto' or an integer >= 1, got {cpt!r}")
+    shared_tune_run = raw.get("shared_tune_run", "auto")
+    if shared_tune_run not in ("auto", True, False):
+        errors.append(f"shared_tune_run: expected 'auto', true or false, got {shared_tune_run!r}")
+    elif shared_tune_run is True and (scheduler != "none" or protocol == "nested_cv"):
+        errors.append(f"shared_tune_run: true needs scheduler none and protocol holdout or seed_replication (got scheduler "
+                      f"{scheduler!r}, protocol {protocol!r}): cells in one Tune run share its scheduler, and a "
+                      "nested-CV cell is one search per outer fold")
     mc = _coerce(raw.get("max_concurrent_per_cell"), None, "max_concurrent_per_cell", errors)
     interval = raw.get("checkpoint_interval_s", GridConfig.checkpoint_interval_s)
     if not _is_number(interval) or interval < 0:
@@ -293,7 +300,7 @@ def parse_grid(raw: Any, *, source: str = "<dict>") -> GridConfig:
         question=raw["question"].strip(), name=name, store=raw["store"], grid=grid, search=search,
         protocol=protocol, threshold=threshold, threshold_fit=threshold_fit, trials_per_cell=raw.get("trials_per_cell", 8),
         max_concurrent_per_cell=mc, scheduler=scheduler,
-        optuna_startup_trials=raw.get("optuna_startup_trials", 3), configs_per_trial=cpt,
+        optuna_startup_trials=raw.get("optuna_startup_trials", 3), configs_per_trial=cpt, shared_tune_run=shared_tune_run,
         min_subjects_per_cell=raw.get("min_subjects_per_cell", 20), **statistics,
         checkpoint_interval_s=float(interval), trial_retries=raw.get("trial_retries", 1),
         train=dataclasses.replace(train, epochs=int(train.epochs), batch_size=int(train.batch_size)),

@@ -30,6 +30,7 @@ from study.grid_schema import GridConfig, TrainConfig
 
 BATCH_KEY = "configs"  # a batched Tune trial's config: {"configs": [params, ...], "optuna_trials": [n, ...]}
 NUMBERS_KEY = "optuna_trials"
+CELL_KEY = "cell"  # a shared Tune run's trial config names its cell (study/shared_run.py); progress.py reads it too
 # what may differ between the configurations of one batch: what fit_heads trains per configuration
 # (the seed, weights, freeze, input size and slices decide the cached features, which a batch shares)
 BATCHABLE = ("lr", "momentum", "weight_decay", "batch_size", "optimizer", "epochs")
@@ -78,3 +79,14 @@ def batch_sizes(trials: int, k: int) -> list[int]:
     """Configurations per Tune trial for a search of `trials` configurations, k at a time."""
     k = max(1, k)
     return [k] * (trials // k) + ([trials % k] if trials % k else [])
+
+
+def shared_run_cells(grid: GridConfig, contexts: list) -> list:
+    """The cells of `contexts` (CellContext or CellPlan) that share one Tune run (study/shared_run.py;
+    [] for none). Decided from the grid and each cell's settings alone, so that a resumed launch
+    shares among the same cells again."""
+    if grid.shared_tune_run is False or grid.scheduler != "none" or grid.protocol == "nested_cv":
+        return []
+    if grid.shared_tune_run == "auto" and any(c.outer_folds or configs_per_trial(grid, c.train) <= 1 for c in contexts):
+        return []
+    return [c for c in contexts if not c.outer_folds]

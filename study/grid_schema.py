@@ -147,6 +147,9 @@ class GridConfig:
     # Optuna configurations trained together in one Tune trial (study/config_batches.py): "auto"
     # batches fc-head searches on cached features by optuna_startup_trials; 1 = one per trial
     configs_per_trial: int | str = "auto"
+    # cells that share one Tune run, so that a trial worker serves cell after cell (study/shared_run.py):
+    # "auto" shares when every cell batches configurations (seconds-long trials); True / False
+    shared_tune_run: bool | str = "auto"
     min_subjects_per_cell: int = 20
     # a trial checkpoints (weights, optimizer, epoch) when this many seconds have passed since
     # its last checkpoint, and after its last epoch: a pre-empted trial loses at most this much

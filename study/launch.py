@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from study.config import GridConfig, GridError, load_grid, parse_override
-from study.config_batches import configs_per_trial
+from study.config_batches import configs_per_trial, shared_run_cells
 from study.plan import CellPlan, PlanError, plan_cells
 from study.launch_stats import close_statistics, format_pairs
 from study.report import STRATA_PLOT, format_table, plot_accuracy, plot_strata, results_table
@@ -98,6 +98,9 @@ def print_plan(grid: GridConfig, store, plans: list[CellPlan]) -> None:
     if batched != {1}:
         print(f"configurations per Tune trial: {', '.join(map(str, sorted(batched)))} "
               f"(configs_per_trial: {grid.configs_per_trial}; fc heads on cached features train together)")
+    shared = shared_run_cells(grid, plans)
+    if shared:
+        print(f"{len(shared)} cell(s) share one Tune run and its trial workers (shared_tune_run: {grid.shared_tune_run})")
     for plan in plans:
         c = plan.counts()
         print(f"  {plan.cell.name:<44} n={c['n']:<5} train/val/test={c['n_train']}/{c['n_val']}/{c['n_test']} "
@@ -303,6 +306,7 @@ def run_launch(args, grid: GridConfig, store, plans: list[CellPlan], tracking_ur
                     "selection metric": grid.select_on, "trials per cell": grid.trials_per_cell,
                     "configurations per Tune trial": ", ".join(
                         sorted({str(configs_per_trial(grid, p.train)) for p in plans})),
+                    "cells sharing one Tune run (shared_tune_run)": len(shared_run_cells(grid, plans)),
                     "cells": len(plans), "epochs": grid.train.epochs, "weights": grid.train.weights}
         df = write_results(client, launch_id, grid, ordered, report={
             "out_dir": Path(args.report_dir) / launch_id, "experiment_id": exp_id, "tracking_uri": tracking_uri,

@@ -82,30 +82,34 @@ def _epochs_done(result: dict) -> int:
     return int(result.get("epoch") or result.get("training_iteration") or 0)
 
 
-def tune_callback(cell: str, name: str | None):
-    """A ray.tune.Callback posting this cell's trial events (start, each report, end)."""
+def tune_callback(cell: str | None, name: str | None):
+    """A ray.tune.Callback posting this cell's trial events (start, each report, end); cell None:
+    the shared Tune run of several cells (study/shared_run.py), each trial's cell from its config."""
     from ray.tune import Callback
 
     def configs(trial) -> int:  # a batched Tune trial counts as its K configurations (study/config_batches.py)
         return len((trial.config or {}).get("configs") or [None])
 
+    def cell_of(trial) -> str:
+        return cell or (trial.config or {}).get("cell", "?")
+
     class TuneProgress(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            post(name, {"kind": "trial_start", "cell": cell, "trial": trial.trial_id, "configs": configs(trial)})
+            post(name, {"kind": "trial_start", "cell": cell_of(trial), "trial": trial.trial_id, "configs": configs(trial)})
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            post(name, {"kind": "trial_result", "cell": cell, "trial": trial.trial_id,
+            post(name, {"kind": "trial_result", "cell": cell_of(trial), "trial": trial.trial_id,
                         "iteration": _epochs_done(result), "configs": configs(trial),
                         "best": result.get("best_val_score")})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
-            post(name, {"kind": "trial_end", "cell": cell, "trial": trial.trial_id, "error": False,
+            post(name, {"kind": "trial_end", "cell": cell_of(trial), "trial": trial.trial_id, "error": False,
                         "iteration": _epochs_done(last), "configs": configs(trial),
                         "best": last.get("best_val_score")})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            post(name, {"kind": "trial_end", "cell": cell, "trial": trial.trial_id, "error": True,
+            post(name, {"kind": "trial_end", "cell": cell_of(trial), "trial": trial.trial_id, "error": True,
                         "configs": configs(trial)})
 
     return TuneProgress()

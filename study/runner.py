@@ -12,6 +12,9 @@ overlaps the others' trials); the next starts when one finishes. Results are col
 running cell task gets SIGUSR1 (Ray Tune's own "stop and save" signal: it checkpoints the
 experiment with its unfinished trials, which `--resume` continues); after GRACE_S the rest is
 cancelled. A second signal skips the wait.
+
+Cells that share one Tune run (study/shared_run.py) run first, as one zero-CPU task (`run_shared`, with the
+same progress, heartbeat and stop); their cell tasks then only close them.
 """
 
 from __future__ import annotations
@@ -67,20 +70,81 @@ def _collect(ref, ctx, client) -> dict[str, Any]:
     """A finished cell task's row; a task that crashed (worker died, OOM) becomes a failed row."""
     import ray
 
-    from study import tracking
-
     try:
         return ray.get(ref)
     except Exception as exc:  # RayTaskError, WorkerCrashedError, TaskCancelledError, ...
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
-        try:
-            client.set_tag(ctx.cell_run_id, "error", reason)
-            tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
-            client.set_terminated(ctx.cell_run_id, "FAILED")
-        except Exception:
-            pass
-        return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
-                "status": f"failed: the cell task died ({reason})"}
+        return _failed_row(ctx, client, f"failed: the cell task died ({_reason(exc)})")
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+
+
+def _failed_row(ctx, client, status: str) -> dict[str, Any]:
+    """A cell that failed outside its own task's handling: tagged and ended in MLflow, and its row."""
+    from study import tracking
+
+    try:
+        client.set_tag(ctx.cell_run_id, "error", status[:5000])
+        tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
+        client.set_terminated(ctx.cell_run_id, "FAILED")
+    except Exception:
+        pass
+    return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id, "status": status}
+
+
+def _interrupted_row(ctx) -> dict[str, Any]:
+    return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id, "status": "interrupted"}
+
+
+def run_shared(shared: list, grid, *, storage_path: str, max_concurrent: int, display, hub,
+             heartbeat) -> tuple[dict[str, Any], int | None]:
+    """Run the sharing cells' trials (study/shared_run.py) as one zero-CPU task, with the same progress,
+    heartbeat and graceful stop as cells; (its outcome, the signal that stopped it or None)."""
+    import ray
+
+    from study import progress
+    from study.shared_run import SHARED_RUN, remote_shared_runner
+
+    ref = remote_shared_runner().remote(shared, grid, storage_path=storage_path, max_concurrent=max_concurrent)
+    here = ray.get_runtime_context().get_node_id()
+    where = None  # (pid, node) of the shared run's task, once it started
+    cursor, last_beat = 0, time.monotonic()
+
+    def wait() -> bool:
+        nonlocal cursor, where
+        ready, _ = ray.wait([ref], num_returns=1, timeout=POLL_S)
+        cursor, events = progress.drain(hub, cursor)
+        for e in events:
+            if e.get("kind") == "cell_start" and e.get("cell") == SHARED_RUN:
+                where = (int(e["pid"]), str(e["node"]))
+        display.update([e for e in events if e.get("cell") != SHARED_RUN])
+        return bool(ready)
+
+    with SignalCatcher() as caught:
+        while caught.signum is None:
+            if wait():
+                try:
+                    return ray.get(ref), None
+                except Exception as exc:
+                    return {"status": f"failed: the shared Tune run's task died ({_reason(exc)})"}, None
+            if time.monotonic() - last_beat >= heartbeat[1]:
+                heartbeat[0]()
+                last_beat = time.monotonic()
+        display.close()
+        name = signal.Signals(caught.signum).name
+        print(f"\n{name} received: stopping the shared Tune run's trials of {len(shared)} cell(s) (they save their state for "
+              f"--resume); up to {GRACE_S:.0f} s, send {name} again to stop at once", flush=True)
+        progress.request_stop(hub)
+        wait()
+        if where is not None:
+            _signal_cell(*where, here)
+        deadline, done = time.monotonic() + GRACE_S, False
+        while not done and time.monotonic() < deadline and caught.count < 2:
+            done = wait()
+        if not done:
+            ray.cancel(ref, force=True)
+        return {"status": "interrupted"}, caught.signum
 
 
 def trial_slots(grid, resources: dict) -> float:
@@ -116,8 +180,24 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
     import ray
 
     from study import progress
+    from study.shared_run import cells_to_share
     from study.search import remote_cell_runner
 
+    rows: dict[str, dict[str, Any]] = {}
+    searched: dict[str, list] = {}  # cells sharing the run: their Tune results, for the cell tasks to close
+    shared = cells_to_share(grid, contexts, storage_path=storage_path)
+    if shared:
+        out, signum = run_shared(shared, grid, storage_path=storage_path, max_concurrent=max_concurrent, display=display,
+                               hub=hub, heartbeat=heartbeat)
+        if signum is not None or out["status"] == "interrupted":
+            return {c.cell.name: _interrupted_row(c) for c in contexts}, signum
+        if out["status"] != "ok":
+            for ctx in shared:
+                rows[ctx.cell.name] = _failed_row(ctx, client, out["status"])
+                display.cell_finished(ctx.cell.name, rows[ctx.cell.name])
+            contexts = [c for c in contexts if c.cell.name not in rows]
+        else:
+            searched = out["results"]
     runner = remote_cell_runner()
     queued = list(contexts)
     limit = len(queued) if not max_cells else max(1, max_cells)
@@ -126,10 +206,10 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
     def submit() -> None:
         while queued and len(pending) < limit:
             ctx = queued.pop(0)
-            pending[runner.remote(ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent)] = ctx
+            done = {"searched": searched[ctx.cell.name]} if ctx.cell.name in searched else {}
+            pending[runner.remote(ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent, **done)] = ctx
 
     submit()
-    rows: dict[str, dict[str, Any]] = {}
     tasks: dict[str, tuple[int, str]] = {}  # cell -> (pid, node) of its running task
     here = ray.get_runtime_context().get_node_id()
     cursor, last_beat = 0, time.monotonic()
@@ -166,8 +246,7 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
         # graceful stop: Tune saves each cell's experiment with its unfinished trials
         display.close()
         for ctx in queued:  # never started: --resume runs them
-            rows[ctx.cell.name] = {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
-                                   "status": "interrupted"}
+            rows[ctx.cell.name] = _interrupted_row(ctx)
         queued.clear()
         name = signal.Signals(caught.signum).name
         print(f"\n{name} received: stopping {len(pending)} running cell(s) (they save their state for --resume); "
@@ -186,7 +265,6 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
             pump()
         for ref, ctx in list(pending.items()):
             ray.cancel(ref, force=True)
-            rows[ctx.cell.name] = {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
-                                   "status": "interrupted"}
+            rows[ctx.cell.name] = _interrupted_row(ctx)
         pending.clear()
         return rows, caught.signum

@@ -210,6 +210,25 @@ def _interrupted(results) -> bool:
     return results.num_terminated + results.num_errors < len(results)
 
 
+def search_name(ctx: CellContext) -> str:
+    """The search's Tune experiment and Optuna study name: the cell's, or `<cell>__outer<j>`."""
+    return ctx.cell.name if ctx.outer_fold is None else f"{ctx.cell.name}__outer{ctx.outer_fold}"
+
+
+def cell_searcher(ctx: CellContext, grid: GridConfig, *, storage_path: str):
+    """The search's Optuna searcher (its own study and journal, a sampler seeded from its name)
+    and its Tune trials' batch sizes (study/config_batches.py)."""
+    name = search_name(ctx)
+    batches = batch_sizes(grid.trials_per_cell, configs_per_trial(grid, ctx.train))
+    searcher = _pruned_aware_searcher(optuna_space(grid.search), batches=batches,
+                                      seed=cell_seed(name, grid.split.seed),
+                                      journal=journal_path(storage_path, name), study_name=name,
+                                      startup=grid.optuna_startup_trials,
+                                      # only a scheduler stops trials early; without one nothing is pruned
+                                      max_epochs=grid.train.epochs if grid.scheduler == "asha" else 0)
+    return searcher, batches
+
+
 def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_concurrent: int):
     """The cell's Tuner: restored from its experiment folder when a resumed launch finds one
     (finished trials are kept, Optuna's state comes back, unfinished trials continue from their
@@ -222,18 +241,12 @@ def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_co
 
     trainable = tune.with_resources(tune.with_parameters(cell_trainable(ctx.cell.name), ctx=ctx),
                                     {"cpu": ctx.cpus_per_trial, "gpu": ctx.gpus_per_trial})
-    name = ctx.cell.name if ctx.outer_fold is None else f"{ctx.cell.name}__outer{ctx.outer_fold}"
+    name = search_name(ctx)
     path = experiment_path(storage_path, name)
     if tune.Tuner.can_restore(path):
         # errored trials used up their retries in the earlier session; they stay errored
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False), True
-    batches = batch_sizes(grid.trials_per_cell, configs_per_trial(grid, ctx.train))
-    searcher = _pruned_aware_searcher(optuna_space(grid.search), batches=batches,
-                                      seed=cell_seed(name, grid.split.seed),
-                                      journal=journal_path(storage_path, name), study_name=name,
-                                      startup=grid.optuna_startup_trials,
-                                      # only a scheduler stops trials early; without one nothing is pruned
-                                      max_epochs=grid.train.epochs if grid.scheduler == "asha" else 0)
+    searcher, batches = cell_searcher(ctx, grid, storage_path=storage_path)
     scheduler = None
     if grid.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=grid.train.epochs,
@@ -249,15 +262,26 @@ def build_tuner(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_co
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, verbose=0,
             callbacks=[progress.tune_callback(ctx.cell.name, ctx.progress_hub)],
-            # retries restart a trial from its checkpoint before Optuna hears of a failure
-            failure_config=tune.FailureConfig(max_failures=grid.trial_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            **run_settings(grid)),
     )
     return tuner, False
 
 
-def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_concurrent: int) -> dict[str, Any]:
+def run_settings(grid: GridConfig) -> dict[str, Any]:
+    """A search's Tune RunConfig settings beyond its name, folder and callbacks."""
+    from ray import tune
+
+    # retries restart a trial from its checkpoint before Optuna hears of a failure
+    return {"failure_config": tune.FailureConfig(max_failures=grid.trial_retries),
+            "checkpoint_config": tune.CheckpointConfig(num_to_keep=1)}
+
+
+def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, max_concurrent: int,
+                    searched: list | None = None) -> dict[str, Any]:
     """Run (or continue) one cell's Optuna study as Ray Tune trials, then evaluate and log it.
+
+    searched: the cell's Tune results when its trials ran in the launch's shared Tune run
+    (study/shared_run.py); the task then only closes the cell.
 
     Returns the cell's results row; status "ok", "interrupted" (the launch was stopped: the
     cell continues on --resume) or "failed: ...". Never raises for a cell's own failure.
@@ -274,8 +298,8 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
                                      "node": _node_id()})
     status = "FAILED"
     try:
-        searched = []  # (context, Tune results) per search: one, or one per nested-CV outer fold
-        for fold_ctx in fold_contexts(ctx):
+        pooled, searched = searched, []  # (context, Tune results) per search: one, or one per outer fold
+        for fold_ctx in (fold_contexts(ctx) if pooled is None else []):  # a cell of the shared run's trials are done
             tuner, restored = build_tuner(fold_ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent)
             if restored:
                 client.set_tag(ctx.cell_run_id, "resumed", "true")
@@ -285,6 +309,8 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
                 return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
                         "status": "interrupted"}
             searched.append((fold_ctx, results))
+        if pooled is not None:
+            searched = [(ctx, pooled)]
         tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
         journals = study_journals(ctx, storage_path)
         if ctx.outer_folds:

@@ -60,7 +60,8 @@ def test_run_cells_keeps_at_most_max_cells_running_and_runs_them_all(monkeypatch
     try:
         hub = ray.remote(num_cpus=0)(__import__("study.progress", fromlist=["ProgressHub"]).ProgressHub).remote()
         display = _Display()
-        rows, signum = runner.run_cells(contexts, None, storage_path="unused", max_concurrent=1, client=None,
+        grid = SimpleNamespace(shared_tune_run=False)  # each cell a task of its own
+        rows, signum = runner.run_cells(contexts, grid, storage_path="unused", max_concurrent=1, client=None,
                                         launch_run_id="x", display=display, hub=hub,
                                         heartbeat=(lambda: None, 3600), max_cells=2)
     finally:
