@@ -120,6 +120,8 @@ def _kind(cmd: str) -> str:
         what = cmd[5:].split()[0]
         return ("ray worker: trial" if "ImplicitFunc" in what or what.startswith("trial__") else
                 "ray worker: cell task" if "run_cell_search" in what else
+                # a task worker is reused: the shared run's process may close cells afterwards
+                "ray worker: shared Tune run" if "run_shared_search" in what else
                 "ray worker: idle or other" if what in ("IDLE", "") else f"ray worker: {what[:40]}")
     for needle, kind in (("mlflow", "mlflow server"), ("gunicorn", "mlflow server"), ("uvicorn", "mlflow server"),
                          ("raylet", "ray daemons"), ("gcs_server", "ray daemons"), ("dashboard", "ray daemons"),
@@ -222,9 +224,7 @@ def overhead(args, root: Path, url: str) -> dict:
             **{f"cell_{k}": mean_metric(cell_runs, k) for k in ("time_test_eval_s", "time_size_saliency_s",
                                                                 "time_log_model_s")},
             "overhead_fraction": round(per_trial / (per_trial + mean_compute), 3),
-            # the trial slots' time outside the trainables (worker starts, Tune's scheduling, idle
-            # slots) against the time inside them, over the trial phase
-            "scheduling_overhead_vs_trial_time": round((phase * slots - in_trial) / in_trial, 3),
+            **tune_trial_waits(trials),
             "cpu_s_by_process": sampler.cpu_by_process(), "top_processes": sampler.top_processes(),
             "busy_fraction": round(sampler.busy_fraction(), 3)}
 
@@ -253,6 +253,34 @@ def pair_trainers(old_epochs: int, epochs: int) -> dict:
             "new_trainer_k10_cpu_s_per_config": round(cell["cpu_s"] / 10, 3),
             "floor_shuffled_read_s": round(fl["read_floor_shuffled_s"], 2), "floor_flop_s": round(fl["flop_floor_s"], 3),
             "floor_k10_per_config_s": round(fl["read_floor_shuffled_s"] / 10 + fl["flop_floor_s"], 3)}
+
+
+def tune_trial_waits(trials) -> dict:
+    """Per Tune trial, what its worker spent before it against the trial itself. A trial's span:
+    its configuration runs' first start to last end (the trainable from its MLflow runs' creation
+    to its report and checkpoint). Its wait: for a worker's first trial the worker's age when the
+    trial entered (process start, imports: `time_worker_age_s`), else the gap since the worker's
+    previous trial ended (Tune's scheduling, result and checkpoint handling, actor reset)."""
+    spans: dict[str, dict] = {}
+    for t in trials:
+        s = spans.setdefault(t.data.tags.get("tune_trial_id") or t.info.run_id, {
+            "worker": (t.data.tags.get("node_id"), t.data.tags.get("worker_pid")), "start": t.info.start_time,
+            "end": t.info.end_time or t.info.start_time, "age": t.data.metrics.get("time_worker_age_s", 0.0)})
+        s["start"], s["end"] = min(s["start"], t.info.start_time), max(s["end"], t.info.end_time or 0)
+    by_worker: dict[tuple, list] = {}
+    for s in spans.values():
+        by_worker.setdefault(s["worker"], []).append(s)
+    first, gaps = [], []
+    for ss in by_worker.values():
+        ss.sort(key=lambda s: s["start"])
+        first.append(ss[0]["age"])
+        gaps += [(b["start"] - a["end"]) / 1000 for a, b in zip(ss, ss[1:])]
+    span = sum((s["end"] - s["start"]) / 1000 for s in spans.values())
+    return {"tune_trial_span_s": round(span / len(spans), 2),
+            "wait_first_trial_of_worker_s": round(sum(first) / len(first), 2),
+            "wait_between_trials_s": round(sum(gaps) / len(gaps), 3) if gaps else None,
+            "scheduling_overhead_vs_trial_time": round((sum(first) + sum(gaps)) / span, 3),
+            "scheduling_overhead_reused_workers_vs_trial_time": round(sum(gaps) / span, 3) if gaps else None}
 
 
 def mean_metric(runs, key: str) -> float | None:

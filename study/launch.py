@@ -100,7 +100,8 @@ def print_plan(grid: GridConfig, store, plans: list[CellPlan]) -> None:
               f"(configs_per_trial: {grid.configs_per_trial}; fc heads on cached features train together)")
     shared = shared_run_cells(grid, plans)
     if shared:
-        print(f"{len(shared)} cell(s) share one Tune run and its trial workers (shared_tune_run: {grid.shared_tune_run})")
+        print(f"{len(shared)} cell(s) share one Tune run and its trial workers "
+              f"(shared_tune_run: {grid.shared_tune_run})")
     for plan in plans:
         c = plan.counts()
         print(f"  {plan.cell.name:<44} n={c['n']:<5} train/val/test={c['n_train']}/{c['n_val']}/{c['n_test']} "

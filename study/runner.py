@@ -98,7 +98,7 @@ def _interrupted_row(ctx) -> dict[str, Any]:
 
 
 def run_shared(shared: list, grid, *, storage_path: str, max_concurrent: int, display, hub,
-             heartbeat) -> tuple[dict[str, Any], int | None]:
+               heartbeat) -> tuple[dict[str, Any], int | None]:
     """Run the sharing cells' trials (study/shared_run.py) as one zero-CPU task, with the same progress,
     heartbeat and graceful stop as cells; (its outcome, the signal that stopped it or None)."""
     import ray
@@ -133,8 +133,8 @@ def run_shared(shared: list, grid, *, storage_path: str, max_concurrent: int, di
                 last_beat = time.monotonic()
         display.close()
         name = signal.Signals(caught.signum).name
-        print(f"\n{name} received: stopping the shared Tune run's trials of {len(shared)} cell(s) (they save their state for "
-              f"--resume); up to {GRACE_S:.0f} s, send {name} again to stop at once", flush=True)
+        print(f"\n{name} received: stopping the shared Tune run's trials of {len(shared)} cell(s) (they save "
+              f"their state for --resume); up to {GRACE_S:.0f} s, send {name} again to stop at once", flush=True)
         progress.request_stop(hub)
         wait()
         if where is not None:
@@ -187,8 +187,8 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
     searched: dict[str, list] = {}  # cells sharing the run: their Tune results, for the cell tasks to close
     shared = cells_to_share(grid, contexts, storage_path=storage_path)
     if shared:
-        out, signum = run_shared(shared, grid, storage_path=storage_path, max_concurrent=max_concurrent, display=display,
-                               hub=hub, heartbeat=heartbeat)
+        out, signum = run_shared(shared, grid, storage_path=storage_path, max_concurrent=max_concurrent,
+                                 display=display, hub=hub, heartbeat=heartbeat)
         if signum is not None or out["status"] == "interrupted":
             return {c.cell.name: _interrupted_row(c) for c in contexts}, signum
         if out["status"] != "ok":

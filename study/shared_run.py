@@ -48,7 +48,8 @@ def cells_to_share(grid: GridConfig, contexts: list[CellContext], *, storage_pat
     but not a cell that has a Tune run of its own from an earlier session (it continues there)."""
     from ray import tune
 
-    return [c for c in shared_run_cells(grid, contexts) if not tune.Tuner.can_restore(experiment_path(storage_path, c.cell.name))]
+    return [c for c in shared_run_cells(grid, contexts)
+            if not tune.Tuner.can_restore(experiment_path(storage_path, c.cell.name))]
 
 
 class CellRouter(Searcher):
@@ -166,7 +167,8 @@ def build_shared_tuner(contexts: list[CellContext], grid: GridConfig, *, storage
     from study import progress
 
     first = contexts[0]
-    trainable = tune.with_resources(tune.with_parameters(shared_trainable(), contexts={c.cell.name: c for c in contexts}),
+    by_name = {c.cell.name: c for c in contexts}
+    trainable = tune.with_resources(tune.with_parameters(shared_trainable(), contexts=by_name),
                                     {"cpu": first.cpus_per_trial, "gpu": first.gpus_per_trial})
     path = experiment_path(storage_path, SHARED_RUN)
     if tune.Tuner.can_restore(path):
