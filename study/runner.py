@@ -98,9 +98,10 @@ def _interrupted_row(ctx) -> dict[str, Any]:
 
 
 def run_shared(shared: list, grid, *, storage_path: str, max_concurrent: int, display, hub,
-               heartbeat) -> tuple[dict[str, Any], int | None]:
+               heartbeat) -> tuple[dict[str, Any], int | None, int]:
     """Run the sharing cells' trials (study/shared_run.py) as one zero-CPU task, with the same progress,
-    heartbeat and graceful stop as cells; (its outcome, the signal that stopped it or None)."""
+    heartbeat and graceful stop as cells; (its outcome, the signal that stopped it or None, the
+    progress hub's cursor after the events it showed)."""
     import ray
 
     from study import progress
@@ -125,9 +126,9 @@ def run_shared(shared: list, grid, *, storage_path: str, max_concurrent: int, di
         while caught.signum is None:
             if wait():
                 try:
-                    return ray.get(ref), None
+                    return ray.get(ref), None, cursor
                 except Exception as exc:
-                    return {"status": f"failed: the shared Tune run's task died ({_reason(exc)})"}, None
+                    return {"status": f"failed: the shared Tune run's task died ({_reason(exc)})"}, None, cursor
             if time.monotonic() - last_beat >= heartbeat[1]:
                 heartbeat[0]()
                 last_beat = time.monotonic()
@@ -144,7 +145,7 @@ def run_shared(shared: list, grid, *, storage_path: str, max_concurrent: int, di
             done = wait()
         if not done:
             ray.cancel(ref, force=True)
-        return {"status": "interrupted"}, caught.signum
+        return {"status": "interrupted"}, caught.signum, cursor
 
 
 def trial_slots(grid, resources: dict) -> float:
@@ -186,8 +187,9 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
     rows: dict[str, dict[str, Any]] = {}
     searched: dict[str, list] = {}  # cells sharing the run: their Tune results, for the cell tasks to close
     shared = cells_to_share(grid, contexts, storage_path=storage_path)
+    cursor = 0  # the progress hub's events shown so far
     if shared:
-        out, signum = run_shared(shared, grid, storage_path=storage_path, max_concurrent=max_concurrent,
+        out, signum, cursor = run_shared(shared, grid, storage_path=storage_path, max_concurrent=max_concurrent,
                                  display=display, hub=hub, heartbeat=heartbeat)
         if signum is not None or out["status"] == "interrupted":
             return {c.cell.name: _interrupted_row(c) for c in contexts}, signum
@@ -212,7 +214,7 @@ def run_cells(contexts: list, grid, *, storage_path: str, max_concurrent: int, c
     submit()
     tasks: dict[str, tuple[int, str]] = {}  # cell -> (pid, node) of its running task
     here = ray.get_runtime_context().get_node_id()
-    cursor, last_beat = 0, time.monotonic()
+    last_beat = time.monotonic()
 
     def pump() -> None:
         nonlocal cursor

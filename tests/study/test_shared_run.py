@@ -116,8 +116,10 @@ def _runs(client, name: str):
 
 
 @pytest.mark.slow
-def test_shared_tune_run_are_the_cells_searched_alone_in_fewer_worker_processes(two_cohort_store, mlflow_server,
-                                                                             short_tmp, tmp_path):
+def test_cells_sharing_a_tune_run_are_the_cells_searched_alone_in_fewer_workers(two_cohort_store, mlflow_server,
+                                                                                short_tmp, tmp_path, capsys):
+    import re
+
     from mlflow.tracking import MlflowClient
 
     from study.evaluation import load_predictions
@@ -126,7 +128,10 @@ def test_shared_tune_run_are_the_cells_searched_alone_in_fewer_worker_processes(
     url = mlflow_server.url
     for name, pool in (("pooled", "auto"), ("alone", False)):
         assert launch_main(["--grid", str(_grid(tmp_path, two_cohort_store, name, pool)), "--tracking-uri", url,
-                            "--num-cpus", "2", "--quiet", "--storage-path", str(short_tmp / name)]) == 0
+                            "--num-cpus", "2", "--storage-path", str(short_tmp / name)]) == 0
+        if name == "pooled":  # progress lines (not a terminal): each trial counted once, all of them
+            counts = [tuple(map(int, m)) for m in re.findall(r"all: (\d+)/(\d+) trials", capsys.readouterr().out)]
+            assert counts and counts[-1] == (20, 20) and all(done <= total for done, total in counts), counts
     client = MlflowClient(url)
     cells_p, trials_p = _runs(client, "pooled")
     cells_a, trials_a = _runs(client, "alone")
