@@ -156,7 +156,7 @@ def shared_trainable():
         return run_trial(inner, ctx)
 
     # tune.with_parameters files its parameters under the function's name (see search.cell_trainable)
-    trainable.__name__ = trainable.__qualname__ = f"trial__{SHARED_RUN}"
+    trainable.__name__ = trainable.__qualname__ = "trial__shared"  # trial names: trial__shared_<id>
     return trainable
 
 
