@@ -181,12 +181,17 @@ def cell_trainable(cell_name: str):
     """
 
     def trainable(config, ctx):
-        if BATCH_KEY in config:  # several Optuna configurations in this Tune trial
-            return run_batch_trial(config, ctx)
-        return run_trial(config, ctx)
+        return run_search_trial(config, ctx)
 
     trainable.__name__ = trainable.__qualname__ = f"trial__{cell_name}"
     return trainable
+
+
+def run_search_trial(config: dict[str, Any], ctx: CellContext) -> None:
+    """One Tune trial of a cell's search: a batch of configurations, or one."""
+    if BATCH_KEY in config:  # several Optuna configurations in this Tune trial
+        return run_batch_trial(config, ctx)
+    return run_trial(config, ctx)
 
 
 def concurrency_per_cell(grid: GridConfig, n_cells: int, cluster_cpus: float, cluster_gpus: float) -> int:
@@ -298,8 +303,8 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
                                      "node": _node_id()})
     status = "FAILED"
     try:
-        pooled, searched = searched, []  # (context, Tune results) per search: one, or one per outer fold
-        for fold_ctx in (fold_contexts(ctx) if pooled is None else []):  # a cell of the shared run's trials are done
+        given, searched = searched, []  # (context, Tune results) per search: one, or one per outer fold
+        for fold_ctx in (fold_contexts(ctx) if given is None else []):  # given: the shared run trained it
             tuner, restored = build_tuner(fold_ctx, grid, storage_path=storage_path, max_concurrent=max_concurrent)
             if restored:
                 client.set_tag(ctx.cell_run_id, "resumed", "true")
@@ -309,8 +314,8 @@ def run_cell_search(ctx: CellContext, grid: GridConfig, *, storage_path: str, ma
                 return {"cell": ctx.cell.name, **ctx.cell.axes, "cell_run_id": ctx.cell_run_id,
                         "status": "interrupted"}
             searched.append((fold_ctx, results))
-        if pooled is not None:
-            searched = [(ctx, pooled)]
+        if given is not None:
+            searched = [(ctx, given)]
         tracking.end_open_children(client, ctx.experiment_id, ctx.cell_run_id)
         journals = study_journals(ctx, storage_path)
         if ctx.outer_folds:

@@ -34,11 +34,10 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from study.batch_trial import run_batch_trial
 from study.config import GridConfig
-from study.config_batches import BATCH_KEY, CELL_KEY, shared_run_cells
-from study.search import _interrupted, cell_searcher, experiment_path, run_settings
-from study.trainable import CellContext, run_trial
+from study.config_batches import CELL_KEY, shared_run_cells
+from study.search import _interrupted, cell_searcher, experiment_path, run_search_trial, run_settings
+from study.trainable import CellContext
 
 SHARED_RUN = "_shared_tune_run"  # the shared Tune run's folder under the launch's storage path; not a cell name
 
@@ -150,10 +149,7 @@ def shared_trainable():
         if ctx is None:
             raise RuntimeError(f"a shared run's trial names cell {name!r}, which this launch session does not run "
                                f"(cells: {', '.join(sorted(contexts))})")
-        inner = {k: v for k, v in config.items() if k != CELL_KEY}
-        if BATCH_KEY in inner:
-            return run_batch_trial(inner, ctx)
-        return run_trial(inner, ctx)
+        return run_search_trial({k: v for k, v in config.items() if k != CELL_KEY}, ctx)
 
     # tune.with_parameters files its parameters under the function's name (see search.cell_trainable)
     trainable.__name__ = trainable.__qualname__ = "trial__shared"  # trial names: trial__shared_<id>
